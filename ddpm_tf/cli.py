@@ -1,0 +1,117 @@
+"""The `ddpm` command line. Thin: parse, call one function, turn user errors into clean messages.
+
+TensorFlow is imported only inside commands that need it, after the config has been checked, so
+`ddpm --help` is instant and a bad config fails in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from . import __version__
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
+
+
+class ConfigProblem(click.ClickException):
+    """A bad config file or override: one line, exit code 2."""
+
+    exit_code = 2
+
+
+def _quiet_tensorflow() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _progress(total, desc=None):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, smoothing=0.1)
+
+
+def _user_errors(fn, *args, **kwargs):
+    """Run fn, mapping the package's user-facing errors to Click exceptions (no tracebacks)."""
+    from .config import ConfigError
+    from .data import DataError
+    from .runs import RunError
+
+    try:
+        return fn(*args, **kwargs)
+    except ConfigError as exc:
+        raise ConfigProblem(str(exc)) from None
+    except (DataError, RunError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="ddpm_tf")
+def main():
+    """Train denoising diffusion models (DDPM) on your own images, then sample new ones.
+
+    \b
+    Typical use:
+      ddpm train --config configs/portrait64.yaml
+      ddpm sample --n 64
+    """
+
+
+@main.command(epilog="""\b
+Examples:
+  ddpm train --config configs/demo.yaml
+  ddpm train --config configs/portrait64.yaml --set train.batch_size=32 --set run.dir=runs/faces-b32
+  ddpm train --config configs/demo.yaml --restart     # start the run over, deleting its checkpoints""")
+@click.option("--config", "-c", "config_path", required=True,
+              type=click.Path(path_type=Path, dir_okay=False), help="YAML config file.")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override one config value (repeatable), typed like in the file, e.g. train.epochs=10.")
+@click.option("--restart", is_flag=True, help="Start over even if the run directory holds checkpoints.")
+def train(config_path: Path, overrides: tuple[str, ...], restart: bool):
+    """Train (or resume) the run described by a config file.
+
+    A run directory (run.dir) with checkpoints is resumed from the newest one; the resolved config,
+    checkpoints, EMA weight exports, preview grids and metrics.csv are written there.
+    """
+    from .config import load_config
+
+    cfg = _user_errors(load_config, config_path, list(overrides))
+    _quiet_tensorflow()
+    from .train import train as run_train
+
+    _user_errors(run_train, cfg, restart=restart, echo=click.echo, progress_factory=_progress,
+                 log=lambda msg: click.echo(f"warning: {msg}", err=True))
+
+
+@main.command(epilog="""\b
+Examples:
+  ddpm sample --n 64                              # newest run under runs/, 8x8 grid + 64 PNGs
+  ddpm sample --run runs/demo --n 16 --seed 7 --out faces.png
+  ddpm sample --run runs/demo --checkpoint 12000  # an older checkpoint of the run""")
+@click.option("--run", "run_dir", type=click.Path(path_type=Path, file_okay=False, exists=True),
+              default=None, help="Run directory. [default: the newest run under --runs-root]")
+@click.option("--runs-root", type=click.Path(path_type=Path, file_okay=False), default=Path("runs"),
+              help="Where to look for the newest run when --run is not given.")
+@click.option("--n", type=click.IntRange(1, 100000), default=None, help="Images to generate. [default: sample.n]")
+@click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=None,
+              help="Image i uses seed + i, whatever the batch size. [default: sample.seed]")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=None,
+              help="Images per sampler batch. [default: sample.batch_size]")
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Grid PNG path; single images go to a folder of the same name without .png. "
+                   "[default: RUN/samples/grid-step{STEP}-seed{SEED}-n{N}.png]")
+@click.option("--checkpoint", type=click.IntRange(0), default=None,
+              help="Use the weights exported at this training step. [default: the newest]")
+def sample(run_dir, runs_root, n, seed, batch_size, out, checkpoint):
+    """Generate images with a trained run's EMA weights (DDPM ancestral sampler, 1000 steps)."""
+    _quiet_tensorflow()
+    from .sample import sample as run_sample
+
+    grid = _user_errors(run_sample, run_dir, runs_root=runs_root, n=n, seed=seed, batch_size=batch_size,
+                        out=out, checkpoint=checkpoint, echo=click.echo, progress_factory=_progress)
+    click.echo(str(grid))
+
+
+if __name__ == "__main__":
+    main()

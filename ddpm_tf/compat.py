@@ -1,0 +1,81 @@
+"""Every difference between TF 2.10 (Keras 2) and the newest TF (Keras 3), and nothing else.
+
+The rest of the package imports `tf` and `keras` from here and never branches on versions itself.
+"""
+
+from __future__ import annotations
+
+import sys
+
+try:
+    import tensorflow as tf
+except ImportError as exc:  # pragma: no cover - exercised by hand on a machine without TF
+    sys.stderr.write(
+        "ddpm_tf needs TensorFlow, which is not importable here "
+        f"({exc}).\nInstall one flavour: `pip install -e .[gpu]` (tensorflow, NVIDIA GPU) or "
+        "`pip install -e .[cpu]` (tensorflow-cpu), or run `bash scripts/setup.sh`.\n"
+    )
+    raise SystemExit(1) from exc
+
+# On TF >= 2.16 `tf.keras` is Keras 3 (the `keras` package); on TF 2.10 it is Keras 2.
+keras = tf.keras
+KERAS_VERSION: str = keras.__version__ if hasattr(keras, "__version__") else tf.__version__
+KERAS3: bool = int(KERAS_VERSION.split(".")[0]) >= 3
+TF_VERSION: str = tf.__version__
+
+
+def variable_key(variable) -> str:
+    """A name for a weight that is the same on Keras 2 and 3: 'layer_name/weight_name'."""
+    if KERAS3:
+        return variable.path
+    name = variable.name
+    return name[:-2] if name.endswith(":0") else name
+
+
+def build_optimizer(optimizer, variables) -> None:
+    """Create the optimizer's slot variables now, so a checkpoint restores into them."""
+    if KERAS3:
+        optimizer.build(variables)
+    else:
+        optimizer._create_all_weights(variables)  # noqa: SLF001 - Keras 2's only public-ish route
+
+
+def optimizer_iterations(optimizer):
+    """The optimizer's step counter variable (int64)."""
+    return optimizer.iterations
+
+
+def set_learning_rate(optimizer, value: float) -> None:
+    """Assign a new learning rate to a built optimizer."""
+    lr = optimizer.learning_rate
+    if hasattr(lr, "assign"):
+        lr.assign(value)
+    else:  # Keras 2 stores a plain float until the hyper variable is created
+        optimizer.learning_rate = value
+
+
+def loss_scale_optimizer(optimizer):
+    """Wrap an optimizer with dynamic loss scaling (for mixed_float16)."""
+    return keras.mixed_precision.LossScaleOptimizer(optimizer)
+
+
+def scale_loss(optimizer, loss):
+    """Multiply the loss by the current loss scale (identity without loss scaling)."""
+    if not isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer):
+        return loss
+    if KERAS3:
+        return optimizer.scale_loss(loss)
+    return optimizer.get_scaled_loss(loss)
+
+
+def unscale_gradients(optimizer, grads):
+    """Undo `scale_loss` on the gradients. Keras 3's LossScaleOptimizer unscales inside apply."""
+    if not isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer) or KERAS3:
+        return grads
+    return optimizer.get_unscaled_gradients(grads)
+
+
+def compile_kwargs(jit_compile: bool) -> dict:
+    """Arguments for `Model.compile` that mean the same on both lines."""
+    # Keras 3 turns XLA on by default in fit(); Keras 2.10 does not. Always say what we want.
+    return {"jit_compile": bool(jit_compile)}

@@ -1,0 +1,268 @@
+"""Typed, validated configuration: YAML file + `--set section.key=value` overrides -> frozen dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user error in a config file or override: the message names the file, the key and what is allowed."""
+
+
+def _spec(default, *, lo=None, hi=None, choices=None, help=""):
+    """A config field with its allowed range or choices, checked by `validate`."""
+    return field(default=default, metadata={"lo": lo, "hi": hi, "choices": choices, "help": help})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    dir: str = _spec("runs/default", help="the run directory: config, checkpoints, exports, previews")
+    checkpoint_every: int = _spec(5, lo=1, help="save a checkpoint every N epochs")
+    keep_last: int = _spec(3, lo=1, help="checkpoints kept on disk")
+    preview_every: int = _spec(5, lo=0, help="write a preview grid every N epochs (0: never)")
+    preview_n: int = _spec(16, lo=1, hi=256, help="images in a preview grid")
+    preview_seed: int = _spec(1234, lo=0, help="fixed seed of the preview grid, so the same faces form")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dir: str = _spec("data/portraits", help="folder of training images, searched recursively")
+    image_size: int = _spec(64, lo=8, hi=1024, help="training resolution (square)")
+    channels: int = _spec(3, choices=(1, 3), help="1 = grayscale, 3 = RGB")
+    min_side: int = _spec(16, lo=1, help="images whose shorter side is below this are skipped")
+    flip: bool = _spec(True, help="random horizontal flips")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    base_channels: int = _spec(64, lo=8, hi=1024, help="width of the first level")
+    channel_mult: tuple = _spec((1, 2, 4, 8), lo=1, hi=64, help="width multiplier per level")
+    num_res_blocks: int = _spec(2, lo=1, hi=8, help="residual blocks per level going down (+1 going up)")
+    attention_resolutions: tuple = _spec((16, 8), lo=1, hi=1024, help="feature-map sizes with self-attention")
+    attention_heads: int = _spec(1, lo=1, hi=64, help="heads in every self-attention block")
+    dropout: float = _spec(0.1, lo=0.0, hi=0.9, help="dropout inside residual blocks")
+    norm_groups: int = _spec(32, lo=1, hi=1024, help="GroupNorm groups; must divide every width")
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    timesteps: int = _spec(1000, lo=2, hi=100000, help="T, the number of diffusion steps")
+    beta_start: float = _spec(1e-4, lo=1e-8, hi=0.5, help="first beta of the linear schedule")
+    beta_end: float = _spec(0.02, lo=1e-8, hi=0.999, help="last beta of the linear schedule")
+    schedule: str = _spec("linear", choices=("linear",), help="beta schedule")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = _spec(500, lo=1, help="passes over the data set")
+    batch_size: int = _spec(64, lo=1, hi=65536, help="images per step")
+    learning_rate: float = _spec(2e-4, lo=1e-8, hi=1.0, help="Adam learning rate")
+    ema_decay: float = _spec(0.999, lo=0.0, hi=1.0, help="EMA decay of the sampling weights")
+    ema_warmup: bool = _spec(True, help="EMA decay min(decay, (1+step)/(10+step)) so early samples work")
+    seed: int = _spec(0, lo=0, hi=2**31 - 1, help="seed of data order, flips, timesteps and noise")
+    grad_clip: float = _spec(1.0, lo=0.0, help="global gradient-norm clip (0: off)")
+    precision: str = _spec("float32", choices=("float32",), help="numeric precision")
+    jit_compile: str = _spec("auto", choices=("auto", "true", "false"), help="XLA for the train step")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    n: int = _spec(64, lo=1, hi=100000, help="images to generate")
+    batch_size: int = _spec(64, lo=1, hi=4096, help="images per sampler batch")
+    seed: int = _spec(0, lo=0, hi=2**31 - 1, help="image i uses seed + i")
+    variance: str = _spec("small", choices=("small", "large"), help="DDPM reverse variance: posterior or beta")
+    clip_x0: bool = _spec(True, help="clip the predicted x0 to [-1, 1] at every step")
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+SECTIONS: dict[str, type] = {"run": RunConfig, "data": DataConfig, "model": ModelConfig, "diffusion": DiffusionConfig,
+            "train": TrainConfig, "sample": SampleConfig}
+
+
+def _describe(meta: dict, kind: str) -> str:
+    """Human text for what a field accepts, e.g. 'an integer >= 1' or 'one of linear, cosine'."""
+    if meta["choices"] is not None:
+        return "one of " + ", ".join(str(c) for c in meta["choices"])
+    lo, hi = meta["lo"], meta["hi"]
+    rng = ""
+    if lo is not None and hi is not None:
+        rng = f" in [{lo}, {hi}]"
+    elif lo is not None:
+        rng = f" >= {lo}"
+    elif hi is not None:
+        rng = f" <= {hi}"
+    return {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+            "tuple": "a list of integers"}[kind] + rng
+
+
+def _check_value(where: str, key: str, value: Any, default: Any, meta: dict) -> Any:
+    """Coerce `value` to the type of `default` and check its range; raise ConfigError naming the key."""
+    kind = type(default).__name__
+    expected = _describe(meta, kind)
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"{where}: {key} = {value!r} {why}: expected {expected}")
+
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise bad("has the wrong type")
+        items = [value]
+    elif kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("has the wrong type")
+        items = [value]
+    elif kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad("has the wrong type")
+        value = float(value)
+        items = [value]
+    elif kind == "str":
+        if not isinstance(value, str) or not value:
+            raise bad("has the wrong type")
+        items = [value]
+    else:  # tuple of ints
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not value or \
+                any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+            raise bad("has the wrong type")
+        value = tuple(value)
+        items = list(value)
+    for v in items:
+        if meta["choices"] is not None and v not in meta["choices"]:
+            raise bad("is not allowed")
+        if meta["lo"] is not None and v < meta["lo"] or meta["hi"] is not None and v > meta["hi"]:
+            raise bad("is out of range")
+    return value
+
+
+def _cross_checks(cfg: Config, where: str) -> None:
+    """Checks that involve several keys at once."""
+    m, d = cfg.model, cfg.data
+    widths = [m.base_channels * k for k in m.channel_mult]
+    for w in widths:
+        if w % m.norm_groups:
+            raise ConfigError(f"{where}: model.norm_groups = {m.norm_groups} does not divide the width {w} "
+                              f"(model.base_channels x model.channel_mult): expected a divisor of every width")
+        if w % m.attention_heads:
+            raise ConfigError(f"{where}: model.attention_heads = {m.attention_heads} does not divide the width {w}")
+    down = 2 ** (len(widths) - 1)
+    if d.image_size % down:
+        raise ConfigError(f"{where}: data.image_size = {d.image_size} is not divisible by {down}: expected a "
+                          f"multiple of 2**(levels-1) for {len(widths)} levels in model.channel_mult")
+    sizes = [d.image_size // 2**i for i in range(len(widths))]
+    for r in m.attention_resolutions:
+        if r not in sizes:
+            raise ConfigError(f"{where}: model.attention_resolutions contains {r}, which is not a feature-map "
+                              f"size of this network: expected some of {sizes}")
+    if cfg.diffusion.beta_end <= cfg.diffusion.beta_start:
+        raise ConfigError(f"{where}: diffusion.beta_end = {cfg.diffusion.beta_end} must be greater than "
+                          f"diffusion.beta_start = {cfg.diffusion.beta_start}")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.epochs=5' -> ('train.epochs', 5), the value typed by YAML like in the file."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. --set train.epochs=10")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def from_dict(raw: dict, where: str, overrides: list[tuple[str, Any]] = ()) -> Config:
+    """Build and validate a Config from a nested dict; `where` names the source in error messages."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of sections ({', '.join(SECTIONS)}), got {type(raw).__name__}")
+    merged: dict[str, dict] = {}
+    for section, body in raw.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{where}: unknown section {section!r}: expected one of {', '.join(SECTIONS)}")
+        if body is None:
+            body = {}
+        if not isinstance(body, dict):
+            raise ConfigError(f"{where}: section {section!r} must be a mapping of keys, got {body!r}")
+        merged[section] = {k: (v, where) for k, v in body.items()}
+    for key, value in overrides:
+        section, _, name = key.partition(".")
+        if section not in SECTIONS or not name:
+            raise ConfigError(f"--set {key}: unknown key: expected section.key with a section among "
+                              f"{', '.join(SECTIONS)}")
+        merged.setdefault(section, {})[name] = (value, "--set")
+    sections = {}
+    for section, cls in SECTIONS.items():
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values = {}
+        for name, (value, src) in merged.get(section, {}).items():
+            key = f"{section}.{name}"
+            if name not in fields:
+                raise ConfigError(f"{src}: unknown key {key!r}: {section} has {', '.join(fields)}")
+            f = fields[name]
+            values[name] = _check_value(src, key, value, f.default, f.metadata)
+        sections[section] = cls(**values)
+    cfg = Config(**sections)
+    _cross_checks(cfg, where)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or the defaults when path is None) and apply `section.key=value` overrides."""
+    parsed = [parse_override(o) for o in overrides]
+    if path is None:
+        return from_dict({}, "defaults", parsed)
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        pos = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{pos}: {getattr(exc, 'problem', exc)}") from None
+    return from_dict(raw, str(path), parsed)
+
+
+def to_dict(cfg: Config) -> dict:
+    """A plain nested dict (tuples as lists) that `from_dict` reads back to an equal Config."""
+    out = {}
+    for section in SECTIONS:
+        body = dataclasses.asdict(getattr(cfg, section))
+        out[section] = {k: list(v) if isinstance(v, tuple) else v for k, v in body.items()}
+    return out
+
+
+def dump_yaml(cfg: Config) -> str:
+    """The resolved config as YAML text."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def describe_keys() -> list[tuple[str, Any, str]]:
+    """(key, default, help) for every config key, for the README and `--help`."""
+    rows = []
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            rows.append((f"{section}.{f.name}", f.default, f.metadata["help"]))
+    return rows

@@ -1,0 +1,75 @@
+"""The trainable diffusion model: a `keras.Model` whose `train_step` does MSE noise prediction and EMA."""
+
+from __future__ import annotations
+
+from . import compat
+from .compat import keras, tf
+
+
+def ema_decay_at(step, decay: float, warmup: bool):
+    """EMA decay at optimizer step `step`: min(decay, (1 + step) / (10 + step)) with warm-up.
+
+    The warm-up (as in TensorFlow's ExponentialMovingAverage with num_updates) lets the EMA follow
+    the network closely at first, so previews early in a run are not the random initialisation.
+    """
+    if not warmup:
+        return tf.constant(decay, tf.float32)
+    step = tf.cast(step, tf.float32)
+    return tf.minimum(tf.constant(decay, tf.float32), (1.0 + step) / (10.0 + step))
+
+
+class DiffusionModel(keras.Model):
+    """Wraps the U-Net `net`, its EMA copy `ema_net` and the schedule; `fit` trains eps-prediction."""
+
+    def __init__(self, net, ema_net, schedule, train_cfg, **kwargs):
+        super().__init__(name="diffusion", **kwargs)
+        self.net = net
+        self.ema_net = ema_net
+        self.ema_net.trainable = False
+        self.schedule = schedule
+        self.ema_decay = float(train_cfg.ema_decay)
+        self.ema_warmup = bool(train_cfg.ema_warmup)
+        self.grad_clip = float(train_cfg.grad_clip)
+        # All training randomness (t, eps) comes from this generator; it is checkpointed with the run.
+        self.rng = tf.random.Generator.from_seed(train_cfg.seed)
+        self.ema_updates = tf.Variable(0, dtype=tf.int64, trainable=False, name="ema_updates")
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        for w, e in zip(net.weights, ema_net.weights):
+            e.assign(w)
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker]
+
+    def call(self, inputs, training=False):
+        return self.net(inputs, training=training)
+
+    def diffusion_loss(self, x0, training: bool = True):
+        """Sample t ~ U{0..T-1} and eps ~ N(0, I); return (MSE of the predicted noise, t)."""
+        batch = tf.shape(x0)[0]
+        t = self.rng.uniform([batch], 0, self.schedule.timesteps, dtype=tf.int32)
+        eps = self.rng.normal(tf.shape(x0), dtype=tf.float32)
+        x_t = self.schedule.q_sample(x0, t, eps)
+        pred = self.net([x_t, t], training=training)
+        return tf.reduce_mean(tf.square(tf.cast(pred, tf.float32) - eps)), t  # Eq. 14, Ho et al. 2020
+
+    def train_step(self, data):
+        x0 = tf.cast(data, tf.float32)
+        variables = self.net.trainable_variables
+        with tf.GradientTape() as tape:
+            loss, _ = self.diffusion_loss(x0)
+            scaled = compat.scale_loss(self.optimizer, loss)
+        grads = compat.unscale_gradients(self.optimizer, tape.gradient(scaled, variables))
+        if self.grad_clip > 0:
+            grads, _ = tf.clip_by_global_norm(grads, self.grad_clip)
+        self.optimizer.apply_gradients(zip(grads, variables))
+        self.update_ema()
+        self.loss_tracker.update_state(loss)
+        return {"loss": self.loss_tracker.result(), "step_loss": loss}
+
+    def update_ema(self):
+        """ema <- d * ema + (1 - d) * w for every weight of the network."""
+        d = ema_decay_at(self.ema_updates, self.ema_decay, self.ema_warmup)
+        for w, e in zip(self.net.weights, self.ema_net.weights):
+            e.assign_sub(tf.cast(1.0 - d, e.dtype) * (e - tf.cast(w, e.dtype)))
+        self.ema_updates.assign_add(1)

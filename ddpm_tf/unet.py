@@ -1,0 +1,227 @@
+"""The noise-prediction U-Net: (x_t, t) -> prediction. Knows nothing of schedules or files.
+
+Layout (Ho et al. 2020, Appendix B; the reference keras-io design): conv in; per level `num_res_blocks`
+residual blocks (self-attention after each at `attention_resolutions`) and a stride-2 conv down;
+a bottleneck of residual, attention, residual; per level going up `num_res_blocks + 1` residual
+blocks, each fed the matching skip, and a nearest upsample + conv; GroupNorm, swish, conv out.
+Every layer has an explicit, unique name: the portable weight export keys on those names.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .compat import keras, tf
+
+layers = keras.layers
+
+
+def _init(scale: float = 1.0):
+    """DDPM's default_init: variance scaling, fan_avg, uniform; scale 0 gives zeros."""
+    if scale == 0.0:
+        return "zeros"
+    return keras.initializers.VarianceScaling(scale, mode="fan_avg", distribution="uniform")
+
+
+class GroupNorm(layers.Layer):
+    """Group normalisation (Wu & He 2018), optionally fused with swish.
+
+    Written here rather than taken from Keras because TF 2.10 has no GroupNormalization layer; one
+    implementation keeps both TensorFlow lines numerically identical. Statistics are computed in
+    float32 whatever the input dtype, so it is safe under mixed precision.
+    """
+
+    def __init__(self, groups: int, swish: bool = False, epsilon: float = 1e-5, **kwargs):
+        super().__init__(**kwargs)
+        self.groups, self.swish, self.epsilon = groups, swish, epsilon
+
+    def build(self, input_shape):
+        channels = int(input_shape[-1])
+        if channels % self.groups:
+            raise ValueError(f"{self.name}: {self.groups} groups do not divide {channels} channels")
+        self.gamma = self.add_weight(name="gamma", shape=(channels,), initializer="ones")
+        self.beta = self.add_weight(name="beta", shape=(channels,), initializer="zeros")
+        super().build(input_shape)
+
+    def call(self, x):
+        dtype = x.dtype
+        channels = x.shape[-1]
+        shape = tf.shape(x)
+        x = tf.cast(x, tf.float32)
+        g = tf.reshape(x, [shape[0], shape[1], shape[2], self.groups, channels // self.groups])
+        mean, var = tf.nn.moments(g, axes=[1, 2, 4], keepdims=True)
+        g = (g - mean) * tf.math.rsqrt(var + self.epsilon)
+        x = tf.reshape(g, shape) * tf.cast(self.gamma, tf.float32) + tf.cast(self.beta, tf.float32)
+        if self.swish:
+            x = tf.nn.silu(x)
+        return tf.cast(x, dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "groups": self.groups, "swish": self.swish, "epsilon": self.epsilon}
+
+
+class TimeEmbedding(layers.Layer):
+    """Sinusoidal embedding of integer timesteps (Vaswani et al. 2017, as in DDPM): (B,) -> (B, dim)."""
+
+    def __init__(self, dim: int, **kwargs):
+        super().__init__(**kwargs)
+        self.dim = dim
+
+    def call(self, t):
+        half = self.dim // 2
+        freqs = tf.exp(tf.range(half, dtype=tf.float32) * -(math.log(10000.0) / (half - 1)))
+        angles = tf.cast(t, tf.float32)[:, None] * freqs[None, :]
+        return tf.cast(tf.concat([tf.sin(angles), tf.cos(angles)], axis=-1), self.compute_dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "dim": self.dim}
+
+
+class AddTimeEmbedding(layers.Layer):
+    """h (B, H, W, C) + projected time embedding (B, C) broadcast over the image."""
+
+    def call(self, inputs):
+        h, emb = inputs
+        return h + tf.cast(emb, h.dtype)[:, None, None, :]
+
+
+class SelfAttention(layers.Layer):
+    """Multi-head dot-product attention over all H*W positions, from fused q|k|v (B, H, W, 3C).
+
+    Batched matmuls over flattened positions; the softmax runs in float32.
+    """
+
+    def __init__(self, heads: int = 1, **kwargs):
+        super().__init__(**kwargs)
+        self.heads = heads
+
+    def call(self, qkv):
+        shape = tf.shape(qkv)
+        b, h, w = shape[0], shape[1], shape[2]
+        c = qkv.shape[-1] // 3
+        d = c // self.heads
+        qkv = tf.reshape(qkv, [b, h * w, 3, self.heads, d])
+        qkv = tf.transpose(qkv, [2, 0, 3, 1, 4])  # (3, B, heads, N, d)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        scores = tf.matmul(q, k, transpose_b=True) * (d ** -0.5)  # (B, heads, N, N)
+        weights = tf.cast(tf.nn.softmax(tf.cast(scores, tf.float32), axis=-1), v.dtype)
+        out = tf.matmul(weights, v)  # (B, heads, N, d)
+        out = tf.transpose(out, [0, 2, 1, 3])
+        return tf.reshape(out, [b, h, w, c])
+
+    def get_config(self):
+        return {**super().get_config(), "heads": self.heads}
+
+
+class Upsample2x(layers.Layer):
+    """Nearest-neighbour 2x upsampling by reshape and broadcast.
+
+    Unlike UpSampling2D its gradient is a plain reduction, which XLA compiles on every device
+    (TF 2.10's XLA refuses ResizeNearestNeighborGrad on the CPU).
+    """
+
+    def call(self, x):
+        shape = tf.shape(x)
+        b, h, w = shape[0], shape[1], shape[2]
+        c = x.shape[-1]
+        x = tf.reshape(x, [b, h, 1, w, 1, c])
+        x = tf.broadcast_to(x, [b, h, 2, w, 2, c])
+        return tf.reshape(x, [b, h * 2, w * 2, c])
+
+
+def _res_block(x, temb_act, width: int, cfg, name: str):
+    """Residual block: GN-swish-conv, + time embedding, GN-swish-dropout-conv(zero init), + skip."""
+    h = GroupNorm(cfg.norm_groups, swish=True, name=f"{name}_norm1")(x)
+    h = layers.Conv2D(width, 3, padding="same", kernel_initializer=_init(), name=f"{name}_conv1")(h)
+    emb = layers.Dense(width, kernel_initializer=_init(), name=f"{name}_temb")(temb_act)
+    h = AddTimeEmbedding(name=f"{name}_addtemb")([h, emb])
+    h = GroupNorm(cfg.norm_groups, swish=True, name=f"{name}_norm2")(h)
+    if cfg.dropout > 0:
+        h = layers.Dropout(cfg.dropout, name=f"{name}_dropout")(h)
+    h = layers.Conv2D(width, 3, padding="same", kernel_initializer=_init(0.0), name=f"{name}_conv2")(h)
+    if x.shape[-1] != width:
+        x = layers.Conv2D(width, 1, kernel_initializer=_init(), name=f"{name}_skip")(x)
+    return layers.Add(name=f"{name}_add")([x, h])
+
+
+def _attn_block(x, cfg, name: str):
+    """Self-attention block with a residual connection; the output projection starts at zero."""
+    width = x.shape[-1]
+    h = GroupNorm(cfg.norm_groups, name=f"{name}_norm")(x)
+    qkv = layers.Dense(3 * width, kernel_initializer=_init(), name=f"{name}_qkv")(h)
+    h = SelfAttention(cfg.attention_heads, name=f"{name}_core")(qkv)
+    h = layers.Dense(width, kernel_initializer=_init(0.0), name=f"{name}_proj")(h)
+    return layers.Add(name=f"{name}_add")([x, h])
+
+
+def build_unet(model_cfg, image_size: int, channels: int, name: str = "unet") -> keras.Model:
+    """The U-Net a `ModelConfig` describes, for square images of `image_size` with `channels` channels."""
+    cfg = model_cfg
+    widths = [cfg.base_channels * m for m in cfg.channel_mult]
+    attn = [image_size // 2**i in cfg.attention_resolutions for i in range(len(widths))]
+    temb_dim = cfg.base_channels * 4
+
+    x_t = keras.Input(shape=(image_size, image_size, channels), name="x_t")
+    t = keras.Input(shape=(), dtype="int32", name="t")
+
+    temb = TimeEmbedding(temb_dim, name="temb_sinusoid")(t)
+    temb = layers.Dense(temb_dim, activation="swish", kernel_initializer=_init(), name="temb_dense1")(temb)
+    temb = layers.Dense(temb_dim, kernel_initializer=_init(), name="temb_dense2")(temb)
+    # Every residual block projects swish(temb); computing the swish once is the same maths.
+    temb_act = layers.Activation("swish", name="temb_swish")(temb)
+
+    # Encoder: (B, S, S, C) -> (B, S / 2**(L-1), ...), keeping every intermediate for the skips.
+    h = layers.Conv2D(widths[0], 3, padding="same", kernel_initializer=_init(), name="conv_in")(x_t)
+    skips = [h]
+    for level, width in enumerate(widths):
+        for j in range(cfg.num_res_blocks):
+            h = _res_block(h, temb_act, width, cfg, f"down{level}_res{j}")
+            if attn[level]:
+                h = _attn_block(h, cfg, f"down{level}_attn{j}")
+            skips.append(h)
+        if level != len(widths) - 1:
+            h = layers.Conv2D(width, 3, strides=2, padding="same", kernel_initializer=_init(),
+                              name=f"down{level}_downsample")(h)
+            skips.append(h)
+
+    # Bottleneck.
+    h = _res_block(h, temb_act, widths[-1], cfg, "mid_res0")
+    h = _attn_block(h, cfg, "mid_attn")
+    h = _res_block(h, temb_act, widths[-1], cfg, "mid_res1")
+
+    # Decoder: one more block per level than going down, each consuming one skip.
+    for level in reversed(range(len(widths))):
+        for j in range(cfg.num_res_blocks + 1):
+            h = layers.Concatenate(name=f"up{level}_concat{j}")([h, skips.pop()])
+            h = _res_block(h, temb_act, widths[level], cfg, f"up{level}_res{j}")
+            if attn[level]:
+                h = _attn_block(h, cfg, f"up{level}_attn{j}")
+        if level != 0:
+            h = Upsample2x(name=f"up{level}_upsample")(h)
+            h = layers.Conv2D(widths[level], 3, padding="same", kernel_initializer=_init(),
+                              name=f"up{level}_upconv")(h)
+    assert not skips
+
+    h = GroupNorm(cfg.norm_groups, swish=True, name="out_norm")(h)
+    h = layers.Conv2D(channels, 3, padding="same", kernel_initializer=_init(0.0), name="out_conv")(h)
+    # The prediction leaves the network in float32 whatever the compute policy: the loss needs it.
+    out = layers.Activation("linear", dtype="float32", name="out")(h)
+    return keras.Model([x_t, t], out, name=name)
+
+
+def forward_flops(model_cfg, image_size: int, channels: int) -> float:
+    """Multiply-adds x 2 of one forward pass for one image, counted from the layer shapes."""
+    model = build_unet(model_cfg, image_size, channels)
+    flops = 0.0
+    for layer in model.layers:
+        if isinstance(layer, layers.Conv2D):
+            out_h, out_w = layer.output.shape[1:3]
+            k = layer.kernel.shape
+            flops += 2.0 * out_h * out_w * k[0] * k[1] * k[2] * k[3]
+        elif isinstance(layer, layers.Dense) and len(layer.output.shape) == 4:
+            out_h, out_w = layer.output.shape[1:3]
+            flops += 2.0 * out_h * out_w * layer.kernel.shape[0] * layer.kernel.shape[1]
+        elif isinstance(layer, SelfAttention):
+            n = layer.output.shape[1] * layer.output.shape[2]
+            flops += 2.0 * 2 * n * n * layer.output.shape[3]  # QK^T and AV
+    return flops
