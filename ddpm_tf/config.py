@@ -127,6 +127,11 @@ def _check_value(where: str, key: str, value: Any, default: Any, meta: dict) -> 
             raise bad("has the wrong type")
         items = [value]
     elif kind == "float":
+        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string; users write it anyway
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad("has the wrong type") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise bad("has the wrong type")
         value = float(value)

@@ -6,6 +6,7 @@ import math
 import shutil
 
 import numpy as np
+import yaml
 
 from . import compat
 from .callbacks import Checkpointer, EpochCounter, MetricsCSV, Preview, Progress
@@ -13,7 +14,8 @@ from .compat import keras, tf
 from .config import ConfigError, to_dict
 from .data import load_folder, make_dataset
 from .diffusion import DiffusionModel
-from .runs import RunDir
+from .images import atomic_write_bytes
+from .runs import RunDir, RunError
 from .sample import sampler_from_config
 from .schedule import Schedule
 from .unet import build_unet
@@ -33,6 +35,30 @@ def _check_resume_compatible(saved, cfg, run: RunDir) -> None:
                 raise ConfigError(
                     f"{run.config_path}: {section}.{k} was {old[section].get(k)!r} in this run, the new config "
                     f"says {new[section][k]!r}; pass --restart to start the run over, or set run.dir to a new folder")
+
+
+def _written_by_path(run: RunDir):
+    return run.checkpoints / "written_by.yaml"
+
+
+def _check_written_by(run: RunDir) -> None:
+    """Training checkpoints hold Keras-version-specific optimizer state: refuse a cross-version resume."""
+    path = _written_by_path(run)
+    if not path.is_file():
+        return
+    info = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    keras_version = str(info.get("keras", ""))
+    if keras_version.split(".")[0] != compat.KERAS_VERSION.split(".")[0]:
+        raise RunError(
+            f"{run.checkpoints}: these checkpoints were written by Keras {keras_version} (TensorFlow "
+            f"{info.get('tf')}); this is Keras {compat.KERAS_VERSION}, whose optimizer state differs. Resume with "
+            f"that TensorFlow line, or pass --restart. Sampling works on either line (exports/ are portable).")
+
+
+def write_written_by(run: RunDir) -> None:
+    """Record which TensorFlow/Keras wrote the run's checkpoints."""
+    text = yaml.safe_dump({"tf": compat.TF_VERSION, "keras": compat.KERAS_VERSION})
+    atomic_write_bytes(_written_by_path(run), text.encode("utf-8"))
 
 
 def use_xla(jit_compile: str) -> bool:
@@ -82,11 +108,13 @@ def train(cfg, *, restart: bool = False, echo=print, progress_factory=None, log=
                                ema_updates=model.ema_updates, epoch=epoch_var)
     manager = tf.train.CheckpointManager(ckpt, str(run.checkpoints), max_to_keep=cfg.run.keep_last)
     if manager.latest_checkpoint:
+        _check_written_by(run)
         ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
         echo(f"resuming {run.path} from {manager.latest_checkpoint} (epoch {int(epoch_var.numpy())}, "
              f"step {int(optimizer.iterations.numpy())})")
     initial_epoch = int(epoch_var.numpy())
     run.save_config(cfg)
+    write_written_by(run)
     if initial_epoch >= cfg.train.epochs:
         echo(f"{run.path} already has {initial_epoch} of {cfg.train.epochs} epochs; raise train.epochs to go on")
         return run
