@@ -113,5 +113,45 @@ def sample(run_dir, runs_root, n, seed, batch_size, out, checkpoint):
     click.echo(str(grid))
 
 
+@main.command(epilog="""\b
+Examples:
+  ddpm bench                                     # configs/bench32.yaml, float32
+  ddpm bench --precision mixed_bfloat16 --jit-compile false
+  ddpm bench --config configs/portrait64.yaml --batch-size 64""")
+@click.option("--config", "-c", "config_path", type=click.Path(path_type=Path, dir_okay=False),
+              default=Path("configs/bench32.yaml"), help="Config whose network is measured.")
+@click.option("--precision", type=click.Choice(["float32", "mixed_float16", "mixed_bfloat16"]), default=None,
+              help="Override train.precision. [default: the config's]")
+@click.option("--jit-compile", type=click.Choice(["auto", "true", "false"]), default=None,
+              help="Override train.jit_compile (XLA). [default: the config's]")
+@click.option("--batch-size", type=click.IntRange(1), default=None, help="[default: train.batch_size]")
+@click.option("--steps", type=click.IntRange(1), default=4, help="Timed train steps (after 2 warm-up steps).")
+@click.option("--sample-n", type=click.IntRange(1), default=16, help="Images per sampler batch.")
+@click.option("--sample-steps", type=click.IntRange(1), default=10, help="Timed sampler steps.")
+@click.option("--json-only", is_flag=True, help="Print only the JSON line.")
+def bench(config_path, precision, jit_compile, batch_size, steps, sample_n, sample_steps, json_only):
+    """Measure train images/s and sampler network evaluations/s of a configured network.
+
+    Prints one JSON line and a readable table. Compare ratios within one session only: absolute
+    times drift on shared machines (scripts/bench_compare.py alternates the competitors).
+    """
+    from .config import load_config
+
+    overrides = []
+    if precision:
+        overrides.append(f"train.precision={precision}")
+    if jit_compile:
+        overrides.append(f"train.jit_compile={jit_compile}")
+    cfg = _user_errors(load_config, config_path, overrides)
+    _quiet_tensorflow()
+    from .bench import format_table, run_bench, to_json
+
+    result = run_bench(cfg, batch_size=batch_size or cfg.train.batch_size, steps=steps, sample_n=sample_n,
+                       sample_steps=sample_steps)
+    click.echo(to_json(result))
+    if not json_only:
+        click.echo(format_table(result))
+
+
 if __name__ == "__main__":
     main()

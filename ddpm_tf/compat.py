@@ -37,7 +37,7 @@ def build_optimizer(optimizer, variables) -> None:
     if KERAS3:
         optimizer.build(variables)
     else:
-        optimizer._create_all_weights(variables)  # noqa: SLF001 - Keras 2's only public-ish route
+        optimizer._create_all_weights(variables)
 
 
 def optimizer_iterations(optimizer):
@@ -75,7 +75,17 @@ def unscale_gradients(optimizer, grads):
     return optimizer.get_unscaled_gradients(grads)
 
 
+def gradient_scale(optimizer, grads_unscaled: bool):
+    """The factor still applied to gradients after `unscale_gradients` (Keras 3 unscales in apply)."""
+    if KERAS3 and isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer) and not grads_unscaled:
+        return optimizer.dynamic_scale
+    return 1.0
+
+
 def compile_kwargs(jit_compile: bool) -> dict:
     """Arguments for `Model.compile` that mean the same on both lines."""
     # Keras 3 turns XLA on by default in fit(); Keras 2.10 does not. Always say what we want.
-    return {"jit_compile": bool(jit_compile)}
+    kwargs = {"jit_compile": bool(jit_compile)}
+    if KERAS3:
+        kwargs["auto_scale_loss"] = False  # loss scaling is ours (precision.make_optimizer), on both lines
+    return kwargs

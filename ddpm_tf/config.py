@@ -67,7 +67,8 @@ class TrainConfig:
     ema_warmup: bool = _spec(True, help="EMA decay min(decay, (1+step)/(10+step)) so early samples work")
     seed: int = _spec(0, lo=0, hi=2**31 - 1, help="seed of data order, flips, timesteps and noise")
     grad_clip: float = _spec(1.0, lo=0.0, help="global gradient-norm clip (0: off)")
-    precision: str = _spec("float32", choices=("float32",), help="numeric precision")
+    precision: str = _spec("float32", choices=("float32", "mixed_float16", "mixed_bfloat16"),
+                           help="numeric precision of the network (the loss and EMA stay float32)")
     jit_compile: str = _spec("auto", choices=("auto", "true", "false"), help="XLA for the train step")
 
 

@@ -61,7 +61,11 @@ class DiffusionModel(keras.Model):
             scaled = compat.scale_loss(self.optimizer, loss)
         grads = compat.unscale_gradients(self.optimizer, tape.gradient(scaled, variables))
         if self.grad_clip > 0:
-            grads, _ = tf.clip_by_global_norm(grads, self.grad_clip)
+            # Keras 3 still holds loss-scaled gradients here: clipping at clip * scale is the same as
+            # unscaling, clipping and rescaling. A non-finite norm stays non-finite, so the loss
+            # scaler still sees (and skips) an overflowing step.
+            scale = compat.gradient_scale(self.optimizer, grads_unscaled=False)
+            grads, _ = tf.clip_by_global_norm(grads, self.grad_clip * tf.cast(scale, tf.float32))
         self.optimizer.apply_gradients(zip(grads, variables))
         self.update_ema()
         self.loss_tracker.update_state(loss)

@@ -15,6 +15,7 @@ from .config import ConfigError, to_dict
 from .data import load_folder, make_dataset
 from .diffusion import DiffusionModel
 from .images import atomic_write_bytes
+from .precision import apply_policy, make_optimizer
 from .runs import RunDir, RunError
 from .sample import sampler_from_config
 from .schedule import Schedule
@@ -91,12 +92,13 @@ def train(cfg, *, restart: bool = False, echo=print, progress_factory=None, log=
 
     # --- networks, optimizer, checkpoint ----------------------------------------------------------
     keras.utils.set_random_seed(cfg.train.seed)
+    apply_policy(cfg.train.precision)
     size, channels = cfg.data.image_size, cfg.data.channels
     net = build_unet(cfg.model, size, channels, name="unet")
     ema_net = build_unet(cfg.model, size, channels, name="ema_unet")
     schedule = Schedule.from_config(cfg.diffusion)
     model = DiffusionModel(net, ema_net, schedule, cfg.train)
-    optimizer = keras.optimizers.Adam(learning_rate=cfg.train.learning_rate)
+    optimizer = make_optimizer(cfg.train)
     xla = use_xla(cfg.train.jit_compile)
     model.compile(optimizer=optimizer, **compat.compile_kwargs(xla))
     compat.build_optimizer(optimizer, net.trainable_variables)

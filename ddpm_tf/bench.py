@@ -1,0 +1,116 @@
+"""`ddpm bench`: train-step and sampler throughput of a configured network on this machine.
+
+Figures are printed, never asserted: machines are shared and noisy, so compare ratios measured in
+one session (scripts/bench_compare.py alternates this with the reference and the diffusers peer).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+
+import numpy as np
+
+from . import compat
+from .compat import keras, tf
+
+
+def peak_memory_mb() -> float | None:
+    """Peak GPU memory when on a GPU, else the process's peak resident set size, in MiB."""
+    if tf.config.list_physical_devices("GPU"):
+        try:
+            return tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
+        except (ValueError, RuntimeError):
+            return None
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def device_name() -> str:
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        details = tf.config.experimental.get_device_details(gpus[0])
+        return details.get("device_name", "GPU")
+    return f"CPU ({platform.processor() or platform.machine()})"
+
+
+def run_bench(cfg, *, batch_size: int, steps: int = 4, warmup: int = 2, sample_n: int = 16,
+              sample_steps: int = 10, echo=print) -> dict:
+    """Time `steps` train steps and `sample_steps` sampler steps of the network `cfg` describes."""
+    from .diffusion import DiffusionModel
+    from .precision import apply_policy, make_optimizer
+    from .sample import Sampler
+    from .schedule import Schedule
+    from .train import use_xla
+    from .unet import build_unet, forward_flops
+
+    size, channels = cfg.data.image_size, cfg.data.channels
+    apply_policy(cfg.train.precision)
+    keras.utils.set_random_seed(0)
+    net = build_unet(cfg.model, size, channels, name="unet")
+    ema_net = build_unet(cfg.model, size, channels, name="ema_unet")
+    schedule = Schedule.from_config(cfg.diffusion)
+    model = DiffusionModel(net, ema_net, schedule, cfg.train)
+    xla = use_xla(cfg.train.jit_compile)
+    model.compile(optimizer=make_optimizer(cfg.train), **compat.compile_kwargs(xla))
+
+    rng = np.random.default_rng(0)
+    data = rng.uniform(-1, 1, (batch_size * (steps + warmup), size, size, channels)).astype(np.float32)
+    ds = tf.data.Dataset.from_tensor_slices(data).batch(batch_size, drop_remainder=True)
+    model.fit(ds.take(warmup), epochs=1, verbose=0, shuffle=False)
+    t0 = time.perf_counter()
+    model.fit(ds.skip(warmup), epochs=1, verbose=0, shuffle=False)
+    train_s = time.perf_counter() - t0
+    train_ips = batch_size * steps / train_s
+
+    sampler = Sampler(ema_net, schedule, "ddpm", jit_compile=xla, chunks=max(1, schedule.timesteps // sample_steps))
+    seeds = np.arange(sample_n)
+    x = tf.random.normal([sample_n, size, size, channels])
+    run_chunk = sampler._run
+    run_chunk(x, tf.constant(seeds, tf.int32), tf.constant(0), tf.constant(1)).numpy()  # trace + warm-up
+    t0 = time.perf_counter()
+    run_chunk(x, tf.constant(seeds, tf.int32), tf.constant(0), tf.constant(sample_steps)).numpy()
+    sample_s = time.perf_counter() - t0
+
+    gflop = forward_flops(cfg.model, size, channels) / 1e9
+    result = {
+        "impl": "ddpm_tf", "tf": compat.TF_VERSION, "keras": compat.KERAS_VERSION, "device": device_name(),
+        "precision": cfg.train.precision, "xla": xla, "image_size": size, "batch": batch_size,
+        "params": int(net.count_params()), "forward_gflop_per_image": round(gflop, 4),
+        "train_img_per_s": train_ips, "sample_evals_per_s": sample_n * sample_steps / sample_s,
+        "sample_s_per_step": sample_s / sample_steps,
+        # Training costs about 3 forward passes per image (forward + backward for inputs and weights).
+        "train_gflop_per_s": train_ips * 3 * gflop,
+        "sample_gflop_per_s": sample_n * sample_steps / sample_s * gflop,
+        "peak_memory_mb": peak_memory_mb(),
+    }
+    return result
+
+
+def format_table(result: dict) -> str:
+    """A readable two-column table of a bench result."""
+    rows = [
+        ("TensorFlow / Keras", f"{result['tf']} / {result['keras']}"),
+        ("device", result["device"]),
+        ("precision, XLA", f"{result['precision']}, {'on' if result['xla'] else 'off'}"),
+        ("image size, batch", f"{result['image_size']}, {result['batch']}"),
+        ("parameters", f"{result['params']:,}"),
+        ("forward GFLOP / image", f"{result['forward_gflop_per_image']:.3f}"),
+        ("train images / s", f"{result['train_img_per_s']:.1f}"),
+        ("train GFLOP / s", f"{result['train_gflop_per_s']:.0f}"),
+        ("sampler evals / s", f"{result['sample_evals_per_s']:.1f}"),
+        ("sampler GFLOP / s", f"{result['sample_gflop_per_s']:.0f}"),
+        ("peak memory (MiB)", "n/a" if result["peak_memory_mb"] is None else f"{result['peak_memory_mb']:.0f}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def to_json(result: dict) -> str:
+    return json.dumps(result)
