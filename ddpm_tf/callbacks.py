@@ -1,125 +1,238 @@
-"""Keras callbacks for the periodic work of a run: progress, metrics.csv, checkpoints + exports, previews."""
+"""Keras callbacks for the periodic work of a run: state, progress, logs, checkpoints + exports, previews."""
 
 from __future__ import annotations
 
 import csv
+import math
+import os
 import time
 
+from . import compat
 from .compat import keras, tf
+from .diffusion import ema_decay_at
 from .images import atomic_write_bytes, make_grid, save_png, to_uint8
 from .runs import RunDir, save_weights
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (non-finite loss, a checkpoint that cannot be written); the message says why."""
 
 
 def _float(value) -> float:
     return float(value.numpy() if hasattr(value, "numpy") else value)
 
 
+class RunState:
+    """Where a run stands: completed epochs and batches of the current epoch (both checkpointed), plus
+    why training was asked to stop (an interrupt signal or a non-finite loss)."""
+
+    def __init__(self, num_images: int, batch_size: int, precision: str):
+        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+        self.batch = tf.Variable(0, dtype=tf.int64, trainable=False, name="batch_in_epoch")
+        self.num_images, self.batch_size = num_images, batch_size
+        self.steps_per_epoch = math.ceil(num_images / batch_size)
+        self.loss_scaled = precision == "mixed_float16"
+        self.interrupt: str | None = None  # set by the signal handler
+        self.nonfinite_step: int | None = None
+        self.last_loss = float("nan")
+
+    def position(self) -> tuple[int, int]:
+        return int(self.epoch.numpy()), int(self.batch.numpy())
+
+    def images_in_next_batch(self) -> int:
+        done = int(self.batch.numpy()) * self.batch_size
+        return min(self.batch_size, self.num_images - done)
+
+
+class StateTracker(keras.callbacks.Callback):
+    """Advances the run state after each batch and stops training on an interrupt or a non-finite loss.
+
+    Under mixed_float16 a non-finite step is the loss scaler's business (it skips the update and lowers
+    the scale); only a long run of them stops training.
+    """
+
+    MAX_SKIPPED_FLOAT16 = 50
+
+    def __init__(self, state: RunState):
+        super().__init__()
+        self.state = state
+        self._skipped = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        state = self.state
+        loss = _float((logs or {}).get("step_loss", float("nan")))
+        step = int(self.model.optimizer.iterations.numpy())
+        if not math.isfinite(loss):
+            self._skipped += 1
+            if not state.loss_scaled or self._skipped > self.MAX_SKIPPED_FLOAT16:
+                state.nonfinite_step = step
+                self.model.stop_training = True
+                return
+        else:
+            self._skipped = 0
+            state.last_loss = loss
+        state.batch.assign_add(1)
+        if state.interrupt:
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        state = self.state
+        if int(state.batch.numpy()) >= state.steps_per_epoch:  # not on an interrupted, partial epoch
+            state.epoch.assign(epoch + 1)
+            state.batch.assign(0)
+
+
 class Progress(keras.callbacks.Callback):
     """A tqdm bar over all remaining steps with loss, images per second and ETA."""
 
-    def __init__(self, total_steps: int, batch_size: int, num_images: int, steps_per_epoch: int, bar):
+    def __init__(self, state: RunState, bar):
         super().__init__()
-        self.bar, self.batch_size, self.num_images = bar, batch_size, num_images
-        self.steps_per_epoch = steps_per_epoch
-        self.total_steps = total_steps
+        self.state, self.bar = state, bar
         self.images_per_s = 0.0
+        self._t0, self._seen = None, 0
 
     def on_train_batch_begin(self, batch, logs=None):
-        if batch == 0:
-            self._t0, self._seen = time.perf_counter(), 0
+        self._batch_images = self.state.images_in_next_batch()
 
     def on_train_batch_end(self, batch, logs=None):
-        logs = logs or {}
-        # The last batch of an epoch holds the remainder of the images.
-        last = batch == self.steps_per_epoch - 1
-        self._seen += self.num_images - batch * self.batch_size if last else self.batch_size
-        elapsed = time.perf_counter() - self._t0
-        self.images_per_s = self._seen / elapsed if elapsed > 0 else 0.0
-        self.bar.set_postfix(loss=f"{_float(logs.get('step_loss', float('nan'))):.4f}",
-                             img_s=f"{self.images_per_s:.1f}", refresh=False)
+        if self._t0 is None:  # the clock starts after the first step, which traces the graph
+            self._t0 = time.perf_counter()
+        else:
+            self._seen += self._batch_images
+            elapsed = time.perf_counter() - self._t0
+            self.images_per_s = self._seen / elapsed if elapsed > 0 else 0.0
+        self.bar.set_postfix(loss=f"{self.state.last_loss:.4f}", img_s=f"{self.images_per_s:.1f}", refresh=False)
         self.bar.update(1)
 
 
-class MetricsCSV(keras.callbacks.Callback):
-    """Appends one row per epoch to RUN/metrics.csv (created with a header when missing)."""
+class Logger(keras.callbacks.Callback):
+    """metrics.csv (one row per completed epoch) and TensorBoard scalars every `every` steps."""
 
     FIELDS = ["epoch", "step", "loss", "learning_rate", "images_per_s", "seconds", "time"]
 
-    def __init__(self, run: RunDir, progress: Progress):
+    def __init__(self, run: RunDir, state: RunState, progress: Progress, writer, train_cfg, every: int = 10):
         super().__init__()
-        self.run, self.progress = run, progress
+        self.run, self.state, self.progress, self.writer = run, state, progress, writer
+        self.train_cfg, self.every = train_cfg, every
 
     def on_epoch_begin(self, epoch, logs=None):
         self._t0 = time.perf_counter()
 
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(self.model.optimizer.iterations.numpy())
+        if step % self.every or self.writer is None or self.state.nonfinite_step is not None:
+            return
+        ema_step = self.model.ema_updates
+        with self.writer.as_default():
+            scalar_summary("loss", self.state.last_loss, step)
+            scalar_summary("learning_rate", compat.current_learning_rate(self.model.optimizer), step)
+            scalar_summary("images_per_s", self.progress.images_per_s, step)
+            scalar_summary("ema_decay", ema_decay_at(ema_step, self.train_cfg.ema_decay,
+                                                     self.train_cfg.ema_warmup), step)
+
     def on_epoch_end(self, epoch, logs=None):
+        if int(self.state.epoch.numpy()) != epoch + 1:
+            return  # interrupted mid-epoch: no row for a partial epoch
         opt = self.model.optimizer
-        row = {"epoch": epoch + 1, "step": int(opt.iterations.numpy()),
-               "loss": f"{_float(logs['loss']):.6f}",
-               "learning_rate": f"{_float(opt.learning_rate):.3g}",
+        row = {"epoch": epoch + 1, "step": int(opt.iterations.numpy()), "loss": f"{_float(logs['loss']):.6f}",
+               "learning_rate": f"{_float(compat.current_learning_rate(opt)):.3g}",
                "images_per_s": f"{self.progress.images_per_s:.2f}",
-               "seconds": f"{time.perf_counter() - self._t0:.2f}",
-               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+               "seconds": f"{time.perf_counter() - self._t0:.2f}", "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         new = not self.run.metrics_csv.exists()
         with open(self.run.metrics_csv, "a", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=self.FIELDS)
             if new:
                 writer.writeheader()
             writer.writerow(row)
+        if self.writer is not None:
+            self.writer.flush()
 
 
 class Checkpointer(keras.callbacks.Callback):
-    """Every N epochs (and at the end): checkpoint everything, export the EMA weights, prune old ones."""
+    """Every N epochs, and wherever training stops cleanly: checkpoint everything, then export the EMA."""
 
-    def __init__(self, run: RunDir, manager, epoch_var, every: int, keep: int, ema_net, meta: dict, echo):
+    def __init__(self, run: RunDir, manager, state: RunState, every: int, keep: int, ema_net, meta: dict):
         super().__init__()
-        self.run, self.manager, self.epoch_var = run, manager, epoch_var
-        self.every, self.keep, self.ema_net, self.meta, self.echo = every, keep, ema_net, meta, echo
-        self.last_saved_epoch = None
+        self.run, self.manager, self.state = run, manager, state
+        self.every, self.keep, self.ema_net, self.meta = every, keep, ema_net, meta
+        self.last_saved = None
+        # Test hook: seconds to pause between the checkpoint and its export, so a test can kill the
+        # process in the middle of a save.
+        self._pause_in_save = float(os.environ.get("DDPM_TF_TEST_PAUSE_IN_SAVE", "0"))
 
-    def save(self, epoch: int) -> None:
-        self.epoch_var.assign(epoch)
+    def save(self) -> int:
         step = int(self.model.optimizer.iterations.numpy())
-        # Export first: a checkpoint is only announced once the export beside it exists.
-        save_weights(self.ema_net, self.run.exports / f"ema-{step:08d}.npz", {**self.meta, "step": step,
-                                                                              "epoch": epoch})
-        self.manager.save(checkpoint_number=step)
+        epoch, batch = self.state.position()
+        try:
+            # The manager writes to temporary names and updates its state file last, so the newest
+            # complete checkpoint stays the one it lists until this one is whole.
+            self.manager.save(checkpoint_number=step)
+            if self._pause_in_save:
+                time.sleep(self._pause_in_save)
+            export_ema(self.run, self.ema_net, step, {**self.meta, "epoch": epoch, "batch_in_epoch": batch})
+        except (OSError, tf.errors.OpError) as exc:
+            latest = self.manager.latest_checkpoint
+            raise TrainingStopped(
+                f"could not write the checkpoint of step {step} to {self.run.checkpoints} ({exc}). "
+                f"The previous checkpoint ({latest or 'none'}) is intact; free disk space and run the same "
+                f"command to resume.") from None
         self.run.prune_exports(self.keep)
-        self.last_saved_epoch = epoch
+        self.last_saved = (epoch, batch)
+        return step
 
     def on_epoch_end(self, epoch, logs=None):
-        if (epoch + 1) % self.every == 0:
-            self.save(epoch + 1)
+        completed = int(self.state.epoch.numpy())
+        if completed == epoch + 1 and completed % self.every == 0 and self.state.nonfinite_step is None:
+            self.save()
 
     def on_train_end(self, logs=None):
-        epoch = int(self.epoch_var.numpy())
-        done = getattr(self.model, "_ddpm_epochs_done", epoch)
-        if self.last_saved_epoch != done:
-            self.save(done)
+        if self.state.nonfinite_step is None and self.last_saved != self.state.position():
+            self.save()
 
 
-class EpochCounter(keras.callbacks.Callback):
-    """Remembers how many epochs are complete (for the final checkpoint)."""
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.model._ddpm_epochs_done = epoch + 1
+def export_ema(run: RunDir, ema_net, step: int, meta: dict) -> None:
+    """Write RUN/exports/ema-STEP.npz (atomic)."""
+    save_weights(ema_net, run.exports / f"ema-{step:08d}.npz", {**meta, "step": step})
 
 
 class Preview(keras.callbacks.Callback):
     """Every N epochs: a grid from the EMA weights with fixed seeds, so the user watches the same faces form."""
 
-    def __init__(self, run: RunDir, sampler, seeds, image_shape, every: int, echo, writer=None):
+    def __init__(self, run: RunDir, state: RunState, sampler, seeds, image_shape, every: int, writer=None):
         super().__init__()
-        self.run, self.sampler, self.seeds, self.image_shape = run, sampler, seeds, image_shape
-        self.every, self.echo, self.writer = every, echo, writer
+        self.run, self.state, self.sampler, self.seeds = run, state, sampler, seeds
+        self.image_shape, self.every, self.writer = image_shape, every, writer
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.every and (epoch + 1) % self.every == 0:
-            step = int(self.model.optimizer.iterations.numpy())
-            grid = make_grid(to_uint8(self.sampler(self.seeds, self.image_shape)))
-            path = save_png(self.run.previews / f"preview-epoch{epoch + 1:05d}-step{step:08d}.png", grid,
-                            {"ddpm_tf:step": step, "ddpm_tf:epoch": epoch + 1})
-            atomic_write_bytes(self.run.previews / "latest.png", path.read_bytes())
-            if self.writer is not None:
-                with self.writer.as_default():
-                    tf.summary.image("preview", grid[None], step=step)
+        completed = int(self.state.epoch.numpy())
+        if not self.every or completed != epoch + 1 or completed % self.every or self.state.nonfinite_step:
+            return
+        step = int(self.model.optimizer.iterations.numpy())
+        grid = make_grid(to_uint8(self.sampler(self.seeds, self.image_shape)))
+        path = save_png(self.run.previews / f"preview-epoch{completed:05d}-step{step:08d}.png", grid,
+                        {"ddpm_tf:step": step, "ddpm_tf:epoch": completed})
+        atomic_write_bytes(self.run.previews / "latest.png", path.read_bytes())
+        if self.writer is not None:
+            with self.writer.as_default():
+                image_summary("preview", grid, path.read_bytes(), step)
+
+
+# The newest tensorflow-cpu no longer installs tensorboard, where `tf.summary.scalar/image` live. Their
+# on-disk formats are simple: a tensor tagged with the plugin's name. `tf.summary.write` is TF core.
+def _plugin_metadata(plugin: str):
+    from tensorflow.core.framework import summary_pb2
+
+    metadata = summary_pb2.SummaryMetadata()
+    metadata.plugin_data.plugin_name = plugin
+    return metadata
+
+
+def scalar_summary(tag: str, value, step: int) -> None:
+    """A TensorBoard scalar (the scalars plugin's format: one float32)."""
+    tf.summary.write(tag, tf.cast(value, tf.float32), step=step, metadata=_plugin_metadata("scalars"))
+
+
+def image_summary(tag: str, image, png: bytes, step: int) -> None:
+    """A TensorBoard image (the images plugin's format: [width, height, PNG bytes])."""
+    tensor = tf.constant([str(image.shape[1]).encode(), str(image.shape[0]).encode(), png])
+    tf.summary.write(tag, tensor, step=step, metadata=_plugin_metadata("images"))

@@ -7,6 +7,7 @@ TensorFlow is imported only inside commands that need it, after the config has b
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import click
@@ -38,12 +39,23 @@ def _user_errors(fn, *args, **kwargs):
     from .data import DataError
     from .runs import RunError
 
+    stopped: tuple = ()
+    if "ddpm_tf.train" in sys.modules:  # only importable (cheaply) once TensorFlow is loaded
+        from .callbacks import TrainingStopped
+        from .train import Interrupted
+
+        stopped = (TrainingStopped,)
     try:
         return fn(*args, **kwargs)
     except ConfigError as exc:
         raise ConfigProblem(str(exc)) from None
-    except (DataError, RunError) as exc:
+    except (DataError, RunError, *stopped) as exc:
         raise click.ClickException(str(exc)) from None
+    except Exception as exc:
+        if stopped and isinstance(exc, Interrupted):
+            # 128 + signal number, as a shell reports a process stopped by that signal.
+            raise SystemExit(143 if str(exc) == "SIGTERM" else 130) from None
+        raise
 
 
 @click.group(context_settings=CONTEXT)
@@ -111,6 +123,28 @@ def sample(run_dir, runs_root, n, seed, batch_size, out, checkpoint):
     grid = _user_errors(run_sample, run_dir, runs_root=runs_root, n=n, seed=seed, batch_size=batch_size,
                         out=out, checkpoint=checkpoint, echo=click.echo, progress_factory=_progress)
     click.echo(str(grid))
+
+
+@main.command(name="runs", epilog="""\b
+Examples:
+  ddpm runs
+  ddpm runs --runs-root /data/experiments""")
+@click.option("--runs-root", type=click.Path(path_type=Path, file_okay=False), default=Path("runs"),
+              help="Folder whose sub-folders are runs.")
+def list_runs(runs_root: Path):
+    """List the runs under a folder: step, epoch, last loss, newest checkpoint's time and size."""
+    from .runs import describe_runs
+
+    rows = describe_runs(runs_root)
+    if not rows:
+        raise click.ClickException(f"no run under {runs_root}/ (a run is a folder with config.yaml)")
+    header = ("run", "step", "epoch", "loss", "checkpoint", "MB", "")
+    table = [header] + [(r["run"], str(r["step"] or "-"), str(r["epoch"] or "-"), str(r["loss"] or "-"),
+                         r["checkpoint_time"] or "-", str(r["checkpoint_mb"]), "training" if r["training"] else "")
+                        for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
 
 
 @main.command(epilog="""\b

@@ -40,18 +40,12 @@ def build_optimizer(optimizer, variables) -> None:
         optimizer._create_all_weights(variables)
 
 
-def optimizer_iterations(optimizer):
-    """The optimizer's step counter variable (int64)."""
-    return optimizer.iterations
-
-
-def set_learning_rate(optimizer, value: float) -> None:
-    """Assign a new learning rate to a built optimizer."""
-    lr = optimizer.learning_rate
-    if hasattr(lr, "assign"):
-        lr.assign(value)
-    else:  # Keras 2 stores a plain float until the hyper variable is created
-        optimizer.learning_rate = value
+def current_learning_rate(optimizer):
+    """The learning rate the optimizer applies at its current step (after any schedule), as a tensor."""
+    if KERAS3:
+        return tf.convert_to_tensor(optimizer.learning_rate)
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    return inner._decayed_lr(tf.float32)
 
 
 def loss_scale_optimizer(optimizer):

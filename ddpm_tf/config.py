@@ -28,6 +28,7 @@ class RunConfig:
     preview_every: int = _spec(5, lo=0, help="write a preview grid every N epochs (0: never)")
     preview_n: int = _spec(16, lo=1, hi=256, help="images in a preview grid")
     preview_seed: int = _spec(1234, lo=0, help="fixed seed of the preview grid, so the same faces form")
+    tensorboard: bool = _spec(True, help="write TensorBoard logs to RUN/tensorboard")
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,9 @@ class TrainConfig:
     ema_decay: float = _spec(0.999, lo=0.0, hi=1.0, help="EMA decay of the sampling weights")
     ema_warmup: bool = _spec(True, help="EMA decay min(decay, (1+step)/(10+step)) so early samples work")
     seed: int = _spec(0, lo=0, hi=2**31 - 1, help="seed of data order, flips, timesteps and noise")
+    warmup_steps: int = _spec(0, lo=0, help="linear learning-rate warm-up over this many steps (0: off)")
     grad_clip: float = _spec(1.0, lo=0.0, help="global gradient-norm clip (0: off)")
+    deterministic: bool = _spec(False, help="TF op determinism: a resumed run equals an uninterrupted one")
     precision: str = _spec("float32", choices=("float32", "mixed_float16", "mixed_bfloat16"),
                            help="numeric precision of the network (the loss and EMA stay float32)")
     jit_compile: str = _spec("auto", choices=("auto", "true", "false"), help="XLA for the train step")

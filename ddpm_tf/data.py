@@ -94,13 +94,14 @@ def load_folder(data_cfg, warn=None) -> tuple[np.ndarray, list[Skipped]]:
     return np.stack(images), skipped
 
 
-def make_dataset(images: np.ndarray, batch_size: int, seed: int, start_epoch: int = 0, flip: bool = True):
+def make_dataset(images: np.ndarray, batch_size: int, seed: int, start_epoch: int = 0, flip: bool = True,
+                 skip: int = 0):
     """Infinite tf.data pipeline of float32 batches in [-1, 1], one epoch after another.
 
     Each epoch is a fresh permutation of all images (shuffled before batching, so every image is seen
     every epoch) drawn from the stateless seed (seed, epoch), and each image's flip from
     (seed, epoch, index): the data order is a pure function of (seed, epoch), so a resumed run
-    continues it exactly.
+    continues it exactly; `skip` drops the first batches of `start_epoch` (a resume mid-epoch).
     """
     from .compat import tf
 
@@ -119,5 +120,5 @@ def make_dataset(images: np.ndarray, batch_size: int, seed: int, start_epoch: in
 
         return tf.data.Dataset.from_tensor_slices(order).map(load).batch(batch_size)
 
-    ds = tf.data.Dataset.range(start_epoch, 2**31 - 1).flat_map(epoch_batches)
+    ds = tf.data.Dataset.range(start_epoch, 2**31 - 1).flat_map(epoch_batches).skip(skip)
     return ds.prefetch(tf.data.AUTOTUNE)

@@ -9,8 +9,14 @@
 
 from __future__ import annotations
 
+import csv
 import io
+import os
 import re
+import shutil
+import socket
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -135,3 +141,117 @@ def find_latest_run(root: Path) -> Path:
         return max(f.stat().st_mtime for f in files)
 
     return max(candidates, key=newest)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (POSIX and Windows)."""
+    if pid <= 0:
+        return False
+    if sys.platform == "win32":
+        import ctypes
+
+        kernel32 = ctypes.windll.kernel32
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return False
+        code = ctypes.c_ulong()
+        kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+        kernel32.CloseHandle(handle)
+        return code.value == 259  # STILL_ACTIVE
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only (never used on Windows, where it would kill)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    """An exclusive lock on a run directory: RUN/.lock holds the owner's pid and host.
+
+    Created with O_EXCL (atomic on every OS, no fcntl). A lock whose process is gone from this host
+    is stale and taken over; a live one makes `acquire` raise RunError naming the owner.
+    """
+
+    def __init__(self, run: RunDir):
+        self.path = run.path / ".lock"
+        self.run = run
+        self.held = False
+
+    def _owner(self) -> dict:
+        try:
+            return yaml.safe_load(self.path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError):
+            return {}
+
+    def acquire(self) -> str | None:
+        """Take the lock; returns a note when a stale lock was taken over."""
+        self.run.path.mkdir(parents=True, exist_ok=True)
+        note = None
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                owner = self._owner()
+                pid, host = int(owner.get("pid", -1) or -1), owner.get("host")
+                if host == socket.gethostname() and not pid_alive(pid):
+                    self.path.unlink(missing_ok=True)
+                    note = f"took over a stale lock of process {pid} (no longer running)"
+                    continue
+                raise RunError(
+                    f"{self.run.path} is being trained by process {pid} on {host} (since {owner.get('since')}); "
+                    f"wait for it or stop it. If that process is gone, delete {self.path}") from None
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(yaml.safe_dump({"pid": os.getpid(), "host": socket.gethostname(),
+                                        "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+            self.held = True
+            return note
+        raise RunError(f"{self.path}: could not take the lock")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def remove_partial_files(run: RunDir) -> list[Path]:
+    """Delete what a killed process can leave behind: our `.NAME.tmp-PID` files, TF's `*_temp` checkpoint
+    parts, and checkpoint files the manager's state does not list. Returns what was removed."""
+    removed = []
+    for folder in (run.path, run.exports, run.previews, run.samples, run.checkpoints):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            if ".tmp-" in p.name or "_temp" in p.name:
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+def _last_metrics_row(run: RunDir) -> dict:
+    if not run.metrics_csv.is_file():
+        return {}
+    with open(run.metrics_csv, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    return rows[-1] if rows else {}
+
+
+def describe_runs(root: Path) -> list[dict]:
+    """One summary per run under `root`: step, epoch, last loss, newest checkpoint's time and size."""
+    out = []
+    for config in sorted(Path(root).glob("*/config.yaml")) if Path(root).is_dir() else []:
+        run = RunDir(config.parent)
+        exports = run.export_paths()
+        step = max(exports) if exports else None
+        newest = exports[step] if exports else None
+        ckpt_bytes = sum(p.stat().st_size for p in run.checkpoints.glob(f"ckpt-{step}.*")) if step else 0
+        row = _last_metrics_row(run)
+        out.append({
+            "run": str(run.path), "step": step, "epoch": row.get("epoch"), "loss": row.get("loss"),
+            "checkpoint_time": time.strftime("%Y-%m-%d %H:%M", time.localtime(newest.stat().st_mtime))
+            if newest else None,
+            "checkpoint_mb": round((ckpt_bytes + (newest.stat().st_size if newest else 0)) / 2**20, 1),
+            "training": (run.path / ".lock").exists(),
+        })
+    return out

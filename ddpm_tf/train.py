@@ -1,28 +1,29 @@
-"""Training orchestration: config -> run dir -> data -> networks -> fit with callbacks. Reads top to bottom."""
+"""Training orchestration: config -> locked run dir -> data -> networks -> fit with callbacks. Reads top to bottom."""
 
 from __future__ import annotations
 
-import math
+import contextlib
 import shutil
+import signal
 
 import numpy as np
 import yaml
 
 from . import compat
-from .callbacks import Checkpointer, EpochCounter, MetricsCSV, Preview, Progress
+from .callbacks import Checkpointer, Logger, Preview, Progress, RunState, StateTracker, TrainingStopped, export_ema
 from .compat import keras, tf
 from .config import ConfigError, to_dict
 from .data import load_folder, make_dataset
 from .diffusion import DiffusionModel
 from .images import atomic_write_bytes
 from .precision import apply_policy, make_optimizer
-from .runs import RunDir, RunError
+from .runs import RunDir, RunError, RunLock, remove_partial_files
 from .sample import sampler_from_config
 from .schedule import Schedule
 from .unet import build_unet
 
-# Sections whose change makes an old checkpoint meaningless for a new config.
-_FROZEN_KEYS = ("model", "diffusion", "data.image_size", "data.channels")
+# Keys whose change makes an old checkpoint meaningless for a new config.
+_FROZEN_KEYS = ("model", "diffusion", "data.image_size", "data.channels", "train.precision")
 
 
 def _check_resume_compatible(saved, cfg, run: RunDir) -> None:
@@ -30,8 +31,7 @@ def _check_resume_compatible(saved, cfg, run: RunDir) -> None:
     old, new = to_dict(saved), to_dict(cfg)
     for key in _FROZEN_KEYS:
         section, _, name = key.partition(".")
-        keys = [name] if name else list(new[section])
-        for k in keys:
+        for k in [name] if name else list(new[section]):
             if old[section].get(k) != new[section][k]:
                 raise ConfigError(
                     f"{run.config_path}: {section}.{k} was {old[section].get(k)!r} in this run, the new config "
@@ -49,17 +49,11 @@ def _check_written_by(run: RunDir) -> None:
         return
     info = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     keras_version = str(info.get("keras", ""))
-    if keras_version.split(".")[0] != compat.KERAS_VERSION.split(".")[0]:
+    if keras_version.split(".", 1)[0] != compat.KERAS_VERSION.split(".", 1)[0]:
         raise RunError(
             f"{run.checkpoints}: these checkpoints were written by Keras {keras_version} (TensorFlow "
             f"{info.get('tf')}); this is Keras {compat.KERAS_VERSION}, whose optimizer state differs. Resume with "
             f"that TensorFlow line, or pass --restart. Sampling works on either line (exports/ are portable).")
-
-
-def write_written_by(run: RunDir) -> None:
-    """Record which TensorFlow/Keras wrote the run's checkpoints."""
-    text = yaml.safe_dump({"tf": compat.TF_VERSION, "keras": compat.KERAS_VERSION})
-    atomic_write_bytes(_written_by_path(run), text.encode("utf-8"))
 
 
 def use_xla(jit_compile: str) -> bool:
@@ -69,82 +63,153 @@ def use_xla(jit_compile: str) -> bool:
     return jit_compile == "true"
 
 
+@contextlib.contextmanager
+def _stop_on_signals(state: RunState, echo):
+    """Ctrl-C / SIGTERM: finish the current step, save, exit. A second Ctrl-C stops at once."""
+    names = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+
+    def handler(signum, frame):
+        if state.interrupt and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        state.interrupt = names.get(signum, str(signum))
+        echo(f"\n{state.interrupt}: finishing this step, then saving a checkpoint (Ctrl-C again to quit now)")
+
+    previous = {s: signal.signal(s, handler) for s in names}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _reset_run(run: RunDir) -> None:
+    for sub in (run.checkpoints, run.exports, run.previews, run.path / "tensorboard"):
+        shutil.rmtree(sub, ignore_errors=True)
+    run.metrics_csv.unlink(missing_ok=True)
+
+
 def train(cfg, *, restart: bool = False, echo=print, progress_factory=None, log=print) -> RunDir:
     """Train (or resume) the run `cfg.run.dir`; returns its RunDir."""
     run = RunDir(cfg.run.dir)
+    lock = RunLock(run)
+    note = lock.acquire()
+    if note:
+        log(f"{run.path}: {note}")
+    try:
+        return _train_locked(cfg, run, restart, echo, progress_factory, log)
+    finally:
+        lock.release()
 
+
+def _train_locked(cfg, run: RunDir, restart, echo, progress_factory, log) -> RunDir:
     # --- run directory: resume by default, start over only when asked ----------------------------
+    for p in remove_partial_files(run):
+        log(f"removed {p}, left by an interrupted write")
     has_checkpoint = tf.train.latest_checkpoint(str(run.checkpoints)) is not None
     if has_checkpoint and not restart:
         _check_resume_compatible(run.load_config(), cfg, run)
+        _check_written_by(run)
     if restart:
-        for sub in (run.checkpoints, run.exports, run.previews):
-            shutil.rmtree(sub, ignore_errors=True)
-        run.metrics_csv.unlink(missing_ok=True)
-    run.path.mkdir(parents=True, exist_ok=True)
+        _reset_run(run)
 
     # --- data --------------------------------------------------------------------------------------
     images, skipped = load_folder(cfg.data, warn=log)
-    num_images = len(images)
-    steps_per_epoch = math.ceil(num_images / cfg.train.batch_size)
-    echo(f"data: {num_images} images from {cfg.data.dir} ({len(skipped)} skipped), "
-         f"{steps_per_epoch} steps per epoch at batch {cfg.train.batch_size}")
+    state = RunState(len(images), cfg.train.batch_size, cfg.train.precision)
+    echo(f"data: {len(images)} images from {cfg.data.dir} ({len(skipped)} skipped), "
+         f"{state.steps_per_epoch} steps per epoch at batch {cfg.train.batch_size}")
 
     # --- networks, optimizer, checkpoint ----------------------------------------------------------
     keras.utils.set_random_seed(cfg.train.seed)
+    if cfg.train.deterministic:
+        tf.config.experimental.enable_op_determinism()
     apply_policy(cfg.train.precision)
     size, channels = cfg.data.image_size, cfg.data.channels
     net = build_unet(cfg.model, size, channels, name="unet")
     ema_net = build_unet(cfg.model, size, channels, name="ema_unet")
-    schedule = Schedule.from_config(cfg.diffusion)
-    model = DiffusionModel(net, ema_net, schedule, cfg.train)
+    model = DiffusionModel(net, ema_net, Schedule.from_config(cfg.diffusion), cfg.train)
     optimizer = make_optimizer(cfg.train)
     xla = use_xla(cfg.train.jit_compile)
     model.compile(optimizer=optimizer, **compat.compile_kwargs(xla))
     compat.build_optimizer(optimizer, net.trainable_variables)
     echo(f"model: {net.count_params():,} parameters, TensorFlow {compat.TF_VERSION} "
-         f"(Keras {compat.KERAS_VERSION}), XLA {'on' if xla else 'off'}")
+         f"(Keras {compat.KERAS_VERSION}), {cfg.train.precision}, XLA {'on' if xla else 'off'}")
 
-    epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
     ckpt = tf.train.Checkpoint(net=net, ema=ema_net, optimizer=optimizer, rng=model.rng,
-                               ema_updates=model.ema_updates, epoch=epoch_var)
+                               ema_updates=model.ema_updates, epoch=state.epoch, batch_in_epoch=state.batch)
     manager = tf.train.CheckpointManager(ckpt, str(run.checkpoints), max_to_keep=cfg.run.keep_last)
+    meta = {"config": to_dict(cfg), "tf": compat.TF_VERSION, "keras": compat.KERAS_VERSION}
     if manager.latest_checkpoint:
-        _check_written_by(run)
         ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        echo(f"resuming {run.path} from {manager.latest_checkpoint} (epoch {int(epoch_var.numpy())}, "
-             f"step {int(optimizer.iterations.numpy())})")
-    initial_epoch = int(epoch_var.numpy())
+        step = int(optimizer.iterations.numpy())
+        _sync_exports(run, ema_net, step, meta, state)
+        epoch, batch = state.position()
+        echo(f"resuming {run.path} from step {step} (epoch {epoch}" + (f", batch {batch})" if batch else ")"))
     run.save_config(cfg)
-    write_written_by(run)
-    if initial_epoch >= cfg.train.epochs:
-        echo(f"{run.path} already has {initial_epoch} of {cfg.train.epochs} epochs; raise train.epochs to go on")
+    atomic_write_bytes(_written_by_path(run), yaml.safe_dump(
+        {"tf": compat.TF_VERSION, "keras": compat.KERAS_VERSION}).encode("utf-8"))
+    epoch, batch = state.position()
+    if epoch >= cfg.train.epochs:
+        echo(f"{run.path} already has {epoch} of {cfg.train.epochs} epochs; raise train.epochs to go on")
         return run
 
-    # --- fit -------------------------------------------------------------------------------------
-    dataset = make_dataset(images, cfg.train.batch_size, cfg.train.seed, initial_epoch, cfg.data.flip)
-    total_steps = steps_per_epoch * (cfg.train.epochs - initial_epoch)
+    # --- callbacks -----------------------------------------------------------------------------------
+    total_steps = state.steps_per_epoch * (cfg.train.epochs - epoch) - batch
     bar = progress_factory(total=total_steps, desc="train") if progress_factory else _NullBar()
-    progress = Progress(total_steps, cfg.train.batch_size, num_images, steps_per_epoch, bar)
-    preview_seeds = cfg.run.preview_seed + np.arange(cfg.run.preview_n)
+    writer = tf.summary.create_file_writer(str(run.path / "tensorboard")) if cfg.run.tensorboard else None
+    progress = Progress(state, bar)
     preview_sampler = sampler_from_config(ema_net, cfg, "ddim", 50)
-    meta = {"config": to_dict(cfg), "tf": compat.TF_VERSION, "keras": compat.KERAS_VERSION}
-    callbacks = [
-        progress,
-        EpochCounter(),
-        MetricsCSV(run, progress),
-        Checkpointer(run, manager, epoch_var, cfg.run.checkpoint_every, cfg.run.keep_last, ema_net, meta, echo),
-        Preview(run, preview_sampler, preview_seeds, (size, size, channels), cfg.run.preview_every, echo),
-    ]
+    preview_seeds = cfg.run.preview_seed + np.arange(cfg.run.preview_n)
+    checkpointer = Checkpointer(run, manager, state, cfg.run.checkpoint_every, cfg.run.keep_last, ema_net, meta)
+    callbacks = [StateTracker(state), progress, Logger(run, state, progress, writer, cfg.train), checkpointer,
+                 Preview(run, state, preview_sampler, preview_seeds, (size, size, channels),
+                         cfg.run.preview_every, writer)]
+
+    # --- fit: a partial epoch first when resuming mid-epoch, then whole epochs ---------------------
     try:
-        model.fit(dataset, epochs=cfg.train.epochs, initial_epoch=initial_epoch,
-                  steps_per_epoch=steps_per_epoch, callbacks=callbacks, verbose=0, shuffle=False)
+        with _stop_on_signals(state, echo):
+            if batch:
+                ds = make_dataset(images, cfg.train.batch_size, cfg.train.seed, epoch, cfg.data.flip, skip=batch)
+                model.fit(ds, epochs=epoch + 1, initial_epoch=epoch, steps_per_epoch=state.steps_per_epoch - batch,
+                          callbacks=callbacks, verbose=0, shuffle=False)
+            epoch, batch = state.position()
+            if not batch and epoch < cfg.train.epochs and not (state.interrupt or state.nonfinite_step):
+                ds = make_dataset(images, cfg.train.batch_size, cfg.train.seed, epoch, cfg.data.flip)
+                model.fit(ds, epochs=cfg.train.epochs, initial_epoch=epoch, steps_per_epoch=state.steps_per_epoch,
+                          callbacks=callbacks, verbose=0, shuffle=False)
     finally:
         bar.close()
+        if writer is not None:
+            writer.close()
+
     step = int(optimizer.iterations.numpy())
-    echo(f"done: {run.path} at epoch {int(epoch_var.numpy())}, step {step}; "
+    if state.nonfinite_step is not None:
+        raise TrainingStopped(
+            f"the loss became NaN or infinite at step {state.nonfinite_step}; training stopped and nothing of "
+            f"that step was saved (the newest checkpoint is {manager.latest_checkpoint or 'none'}). Likely "
+            "causes: a learning rate too high (train.learning_rate, or add train.warmup_steps), no gradient "
+            "clipping (train.grad_clip), or float16 overflow (use mixed_bfloat16 or float32).")
+    if state.interrupt:
+        echo(f"stopped by {state.interrupt} at step {step}; saved {manager.latest_checkpoint}. "
+             f"Resume with the same command: ddpm train --config ... (run.dir {run.path})")
+        raise Interrupted(state.interrupt)
+    echo(f"done: {run.path} at epoch {state.position()[0]}, step {step}; "
          f"sample with `ddpm sample --run {run.path} --n 64`")
     return run
+
+
+def _sync_exports(run: RunDir, ema_net, step: int, meta: dict, state: RunState) -> None:
+    """After a restore: drop exports from after the checkpoint (an abandoned future) and make sure the
+    restored step has its export (a kill between checkpoint and export leaves it missing)."""
+    for s, path in run.export_paths().items():
+        if s > step:
+            path.unlink(missing_ok=True)
+    if step not in run.export_paths():
+        epoch, batch = state.position()
+        export_ema(run, ema_net, step, {**meta, "epoch": epoch, "batch_in_epoch": batch})
+
+
+class Interrupted(RuntimeError):
+    """Training stopped cleanly on a signal, after saving."""
 
 
 class _NullBar:

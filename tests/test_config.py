@@ -66,3 +66,15 @@ def test_shipped_configs_are_valid():
     assert configs, "configs/ is empty"
     for path in configs:
         load_config(path)
+
+
+def test_readme_documents_every_key_with_its_default():
+    from pathlib import Path
+
+    from ddpm_tf.config import describe_keys
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    for key, default, _ in describe_keys():
+        shown = str(list(default) if isinstance(default, tuple) else default)
+        shown = shown.lower() if isinstance(default, bool) else shown
+        assert f"| `{key}` | `{shown}` |" in readme, f"README's config table lacks {key} = {shown}"
