@@ -120,7 +120,11 @@ class Logger(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         step = int(self.model.optimizer.iterations.numpy())
-        if step % self.every or self.writer is None or self.state.nonfinite_step is not None:
+        if step % self.every == 0:
+            self._scalars(step)
+
+    def _scalars(self, step: int) -> None:
+        if self.writer is None or self.state.nonfinite_step is not None:
             return
         ema_step = self.model.ema_updates
         with self.writer.as_default():
@@ -134,6 +138,7 @@ class Logger(keras.callbacks.Callback):
         if int(self.state.epoch.numpy()) != epoch + 1:
             return  # interrupted mid-epoch: no row for a partial epoch
         opt = self.model.optimizer
+        self._scalars(int(opt.iterations.numpy()))
         row = {"epoch": epoch + 1, "step": int(opt.iterations.numpy()), "loss": f"{_float(logs['loss']):.6f}",
                "learning_rate": f"{_float(compat.current_learning_rate(opt)):.3g}",
                "images_per_s": f"{self.progress.images_per_s:.2f}",

@@ -13,6 +13,16 @@ from ddpm_tf.cli import main
 from ddpm_tf.images import read_png_metadata
 
 
+def tensorboard_tags(folder):
+    from ddpm_tf.compat import tf
+
+    tags = set()
+    for path in folder.glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            tags.update(v.tag for v in event.summary.value)
+    return tags
+
+
 def invoke(*args):
     result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
     return result
@@ -31,6 +41,8 @@ def test_train_then_sample(tiny_project, tmp_path):
     assert [r["epoch"] for r in rows] == ["1", "2"] and [r["step"] for r in rows] == ["2", "4"]
     with Image.open(run_dir / "previews" / "latest.png") as im:
         assert im.size == (2 * 18 + 2, 18 + 2)  # 2 previews of 16 px in a 1x2 grid, 2 px padding
+    assert tensorboard_tags(run_dir / "tensorboard") >= {"loss", "learning_rate", "images_per_s", "ema_decay",
+                                                         "preview"}
 
     out = tmp_path / "grid.png"
     result = invoke("sample", "--run", run_dir, "--n", 4, "--seed", 9, "--out", out)
@@ -58,7 +70,7 @@ def test_resume_continues_and_refuses_a_different_network(tiny_project):
     assert invoke("train", "--config", cfg, "--set", "train.epochs=1").exit_code == 0
     result = invoke("train", "--config", cfg, "--set", "train.epochs=2")
     assert result.exit_code == 0, result.output
-    assert "resuming" in result.output and "epoch 1, step 2" in result.output
+    assert "resuming" in result.output and "from step 2 (epoch 1)" in result.output
     with open(run_dir / "metrics.csv", encoding="utf-8") as f:
         assert [r["step"] for r in csv.DictReader(f)] == ["2", "4"]
     result = invoke("train", "--config", cfg, "--set", "train.epochs=3", "--set", "model.base_channels=32")

@@ -104,3 +104,18 @@ def test_flips_are_random_but_reproducible():
     assert np.array_equal(a, b)
     flipped = (a[:, 0, 1, 0] > 0).sum()
     assert 0 < flipped < 16
+
+
+def test_warmup_schedule_and_current_learning_rate():
+    from ddpm_tf import compat
+    from ddpm_tf.precision import WarmupSchedule, make_optimizer
+
+    schedule = WarmupSchedule(1e-3, 10)
+    assert float(schedule(0)) == pytest.approx(1e-4)
+    assert float(schedule(4)) == pytest.approx(5e-4)
+    assert float(schedule(9)) == pytest.approx(1e-3) and float(schedule(1000)) == pytest.approx(1e-3)
+    opt = make_optimizer(TrainConfig(learning_rate=1e-3, warmup_steps=10))
+    var = tf.Variable([1.0])
+    opt.apply_gradients([(tf.constant([1.0]), var)])
+    opt.apply_gradients([(tf.constant([1.0]), var)])
+    assert float(compat.current_learning_rate(opt)) == pytest.approx(3e-4)  # step 2 -> (2 + 1) / 10
