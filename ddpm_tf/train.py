@@ -10,7 +10,16 @@ import numpy as np
 import yaml
 
 from . import compat
-from .callbacks import Checkpointer, Logger, Preview, Progress, RunState, StateTracker, TrainingStopped, export_ema
+from .callbacks import (
+    Checkpointer,
+    Logger,
+    Preview,
+    Progress,
+    RunState,
+    StateTracker,
+    TrainingStopped,
+    export_ema,
+)
 from .compat import keras, tf
 from .config import ConfigError, to_dict
 from .data import load_folder, make_dataset
