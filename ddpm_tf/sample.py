@@ -51,10 +51,10 @@ class Sampler:
         return x.numpy()
 
 
-def sampler_from_config(net, cfg, name: str = "ddpm", steps: int | None = None) -> Sampler:
+def sampler_from_config(net, cfg, name: str = "ddpm", steps: int | None = None, eta: float = 0.0) -> Sampler:
     """The sampler the run's `sample` section describes."""
     return Sampler(net, Schedule.from_config(cfg.diffusion), name, steps,
-                   variance=cfg.sample.variance, clip_x0=cfg.sample.clip_x0)
+                   variance=cfg.sample.variance, clip_x0=cfg.sample.clip_x0, eta=eta)
 
 
 def load_run(run_dir: Path | None, runs_root: Path, checkpoint: int | None = None):

@@ -46,15 +46,19 @@ class GroupNorm(layers.Layer):
     def call(self, x):
         dtype = x.dtype
         channels = x.shape[-1]
+        per_group = channels // self.groups
         shape = tf.shape(x)
-        x = tf.cast(x, tf.float32)
-        g = tf.reshape(x, [shape[0], shape[1], shape[2], self.groups, channels // self.groups])
-        mean, var = tf.nn.moments(g, axes=[1, 2, 4], keepdims=True)
-        g = (g - mean) * tf.math.rsqrt(var + self.epsilon)
-        x = tf.reshape(g, shape) * tf.cast(self.gamma, tf.float32) + tf.cast(self.beta, tf.float32)
+        g = tf.reshape(tf.cast(x, tf.float32), [shape[0], shape[1], shape[2], self.groups, per_group])
+        mean, var = tf.nn.moments(g, axes=[1, 2, 4], keepdims=True)  # (B, 1, 1, G, 1)
+        # Fold the normalisation and the affine transform into one per-(image, channel) scale and
+        # offset: two passes over the activations instead of four.
+        scale = tf.math.rsqrt(var + self.epsilon) * tf.reshape(tf.cast(self.gamma, tf.float32),
+                                                                [1, 1, 1, self.groups, per_group])
+        offset = tf.reshape(tf.cast(self.beta, tf.float32), [1, 1, 1, self.groups, per_group]) - mean * scale
+        y = tf.reshape(g * scale + offset, shape)
         if self.swish:
-            x = tf.nn.silu(x)
-        return tf.cast(x, dtype)
+            y = tf.nn.silu(y)
+        return tf.cast(y, dtype)
 
     def get_config(self):
         return {**super().get_config(), "groups": self.groups, "swish": self.swish, "epsilon": self.epsilon}
@@ -100,13 +104,14 @@ class SelfAttention(layers.Layer):
         b, h, w = shape[0], shape[1], shape[2]
         c = qkv.shape[-1] // 3
         d = c // self.heads
-        qkv = tf.reshape(qkv, [b, h * w, 3, self.heads, d])
-        qkv = tf.transpose(qkv, [2, 0, 3, 1, 4])  # (3, B, heads, N, d)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        scores = tf.matmul(q, k, transpose_b=True) * (d ** -0.5)  # (B, heads, N, N)
+        q, k, v = tf.split(tf.reshape(qkv, [b, h * w, 3 * c]), 3, axis=-1)  # (B, N, C) each
+        if self.heads > 1:  # (B, N, C) -> (B, heads, N, d)
+            q, k, v = (tf.transpose(tf.reshape(z, [b, h * w, self.heads, d]), [0, 2, 1, 3]) for z in (q, k, v))
+        scores = tf.matmul(q, k, transpose_b=True) * (d ** -0.5)  # (B, [heads,] N, N)
         weights = tf.cast(tf.nn.softmax(tf.cast(scores, tf.float32), axis=-1), v.dtype)
-        out = tf.matmul(weights, v)  # (B, heads, N, d)
-        out = tf.transpose(out, [0, 2, 1, 3])
+        out = tf.matmul(weights, v)
+        if self.heads > 1:
+            out = tf.transpose(out, [0, 2, 1, 3])
         return tf.reshape(out, [b, h, w, c])
 
     def get_config(self):
