@@ -32,6 +32,42 @@ def variable_key(variable) -> str:
     return name[:-2] if name.endswith(":0") else name
 
 
+def handle(variable):
+    """The resource handle of a weight, for TensorFlow's fused raw update ops."""
+    return variable.value.handle if KERAS3 else variable.handle
+
+
+if KERAS3:
+    class _FusedAdam(keras.optimizers.Adam):
+        """Keras 3's Adam with its per-weight update done by TensorFlow's fused ResourceApplyAdam kernel.
+
+        Keras 3 writes the update as about 20 small ops per weight (Keras 2's Adam already uses the fused
+        kernel); with a few hundred weights those ops cost more than some convolutions. Same maths:
+        lr_t = lr * sqrt(1 - b2^t) / (1 - b1^t); m, v moving averages; w -= lr_t * m / (sqrt(v) + eps).
+        """
+
+        def update_step(self, gradient, variable, learning_rate):
+            if self.amsgrad or str(variable.dtype) != "float32":
+                return super().update_step(gradient, variable, learning_rate)
+            index = self._get_variable_index(variable)
+            step = tf.cast(self.iterations + 1, tf.float32)
+            tf.raw_ops.ResourceApplyAdam(
+                var=handle(variable), m=handle(self._momentums[index]), v=handle(self._velocities[index]),
+                beta1_power=tf.pow(tf.constant(self.beta_1, tf.float32), step),
+                beta2_power=tf.pow(tf.constant(self.beta_2, tf.float32), step),
+                lr=tf.cast(learning_rate, tf.float32), beta1=tf.constant(self.beta_1, tf.float32),
+                beta2=tf.constant(self.beta_2, tf.float32), epsilon=tf.constant(self.epsilon, tf.float32),
+                grad=tf.cast(gradient, tf.float32))
+            return None
+
+
+def adam(learning_rate):
+    """Adam with a fused per-weight update on both lines."""
+    if KERAS3:
+        return _FusedAdam(learning_rate=learning_rate, name="adam")  # name: the class name is no valid scope
+    return keras.optimizers.Adam(learning_rate=learning_rate)
+
+
 def build_optimizer(optimizer, variables) -> None:
     """Create the optimizer's slot variables now, so a checkpoint restores into them."""
     if KERAS3:

@@ -75,5 +75,6 @@ class DiffusionModel(keras.Model):
         """ema <- d * ema + (1 - d) * w for every weight of the network."""
         d = ema_decay_at(self.ema_updates, self.ema_decay, self.ema_warmup)
         for w, e in zip(self.net.weights, self.ema_net.weights):
-            e.assign_sub(tf.cast(1.0 - d, e.dtype) * (e - tf.cast(w, e.dtype)))
+            # e -= (1 - d) * (e - w), as one fused kernel per weight.
+            tf.raw_ops.ResourceApplyGradientDescent(var=compat.handle(e), alpha=1.0 - d, delta=e - w)
         self.ema_updates.assign_add(1)

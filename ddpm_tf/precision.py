@@ -44,7 +44,7 @@ def make_optimizer(train_cfg):
     lr = train_cfg.learning_rate
     if train_cfg.warmup_steps > 0:
         lr = WarmupSchedule(lr, train_cfg.warmup_steps)
-    optimizer = keras.optimizers.Adam(learning_rate=lr)
+    optimizer = compat.adam(lr)
     if train_cfg.precision == "mixed_float16":
         optimizer = compat.loss_scale_optimizer(optimizer)
     return optimizer

@@ -8,6 +8,7 @@ import numpy as np
 
 from .compat import tf
 from .images import make_grid, save_png, to_uint8
+from .precision import apply_policy
 from .runs import RunDir, find_latest_run, load_weights
 from .samplers import SAMPLERS, initial_noise
 from .schedule import Schedule
@@ -62,6 +63,7 @@ def load_run(run_dir: Path | None, runs_root: Path, checkpoint: int | None = Non
     run = RunDir(run_dir if run_dir is not None else find_latest_run(runs_root))
     cfg = run.load_config()
     step, export = run.latest_export(checkpoint)
+    apply_policy(cfg.train.precision)  # the sampler runs in the precision the run trained in
     net = build_unet(cfg.model, cfg.data.image_size, cfg.data.channels, name="ema_unet")
     load_weights(net, export)
     return run, cfg, net, step

@@ -119,3 +119,19 @@ def test_warmup_schedule_and_current_learning_rate():
     opt.apply_gradients([(tf.constant([1.0]), var)])
     opt.apply_gradients([(tf.constant([1.0]), var)])
     assert float(compat.current_learning_rate(opt)) == pytest.approx(3e-4)  # step 2 -> (2 + 1) / 10
+
+
+def test_adam_matches_its_closed_form():
+    from ddpm_tf import compat
+
+    lr, b1, b2, eps = 1e-2, 0.9, 0.999, 1e-7
+    opt = compat.adam(lr)
+    var = tf.Variable([0.5, -1.0, 2.0])
+    rng = np.random.default_rng(0)
+    w, m, v = var.numpy().astype(np.float64), 0.0, 0.0
+    for t in range(1, 4):
+        g = rng.normal(size=3)
+        opt.apply_gradients([(tf.constant(g, tf.float32), var)])
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        w = w - lr * np.sqrt(1 - b2**t) / (1 - b1**t) * m / (np.sqrt(v) + eps)
+    assert np.allclose(var.numpy(), w, atol=1e-6)
