@@ -98,6 +98,13 @@ def scale_loss(optimizer, loss):
     return optimizer.get_scaled_loss(loss)
 
 
+def loss_scale(optimizer) -> float:
+    """The current dynamic loss scale (1.0 without loss scaling)."""
+    if not isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer):
+        return 1.0
+    return float((optimizer.scale_loss(tf.constant(1.0)) if KERAS3 else optimizer.loss_scale).numpy())
+
+
 def unscale_gradients(optimizer, grads):
     """Undo `scale_loss` on the gradients. Keras 3's LossScaleOptimizer unscales inside apply."""
     if not isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer) or KERAS3:
@@ -108,7 +115,7 @@ def unscale_gradients(optimizer, grads):
 def gradient_scale(optimizer, grads_unscaled: bool):
     """The factor still applied to gradients after `unscale_gradients` (Keras 3 unscales in apply)."""
     if KERAS3 and isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer) and not grads_unscaled:
-        return optimizer.dynamic_scale
+        return optimizer.scale_loss(tf.constant(1.0))  # the scale, also before the optimizer is built
     return 1.0
 
 
