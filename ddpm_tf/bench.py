@@ -64,10 +64,9 @@ def run_bench(cfg, *, batch_size: int, steps: int = 4, warmup: int = 2, sample_n
               sample_steps: int = 10, echo=print) -> dict:
     """Time `steps` train steps and `sample_steps` sampler steps of the network `cfg` describes."""
     from .diffusion import DiffusionModel
-    from .precision import apply_policy, make_optimizer
+    from .precision import apply_policy, make_optimizer, use_xla
     from .sample import Sampler
     from .schedule import Schedule
-    from .train import use_xla
     from .unet import build_unet, forward_flops
 
     size, channels = cfg.data.image_size, cfg.data.channels

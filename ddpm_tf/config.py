@@ -72,7 +72,7 @@ class TrainConfig:
     deterministic: bool = _spec(False, help="TF op determinism: a resumed run equals an uninterrupted one")
     precision: str = _spec("float32", choices=("float32", "mixed_float16", "mixed_bfloat16"),
                            help="numeric precision of the network (the loss and EMA stay float32)")
-    jit_compile: str = _spec("auto", choices=("auto", "true", "false"), help="XLA for the train step")
+    jit_compile: str = _spec("auto", choices=("auto", "true", "false"), help="XLA for the train step and the sampler")
 
 
 @dataclass(frozen=True)

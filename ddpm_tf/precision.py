@@ -25,6 +25,13 @@ def apply_policy(precision: str, bf16_mode: str = "auto") -> str:
     return "float32 graph, bfloat16 convolutions and matmuls (oneDNN AMP)" if onednn else precision
 
 
+def use_xla(jit_compile: str) -> bool:
+    """`auto`: XLA on GPUs (usually faster there), off on CPUs (measured slower on CPUs here)."""
+    if jit_compile == "auto":
+        return bool(tf.config.list_physical_devices("GPU"))
+    return jit_compile == "true"
+
+
 class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
     """Linear learning-rate warm-up from lr / warmup_steps to lr, then constant (DDPM: 5,000 steps on CIFAR-10)."""
 

@@ -8,7 +8,7 @@ import numpy as np
 
 from .compat import tf
 from .images import make_grid, save_png, to_uint8
-from .precision import apply_policy
+from .precision import apply_policy, use_xla
 from .runs import RunDir, find_latest_run, load_weights
 from .samplers import SAMPLERS, initial_noise
 from .schedule import Schedule
@@ -54,8 +54,8 @@ class Sampler:
 
 def sampler_from_config(net, cfg, name: str = "ddpm", steps: int | None = None, eta: float = 0.0) -> Sampler:
     """The sampler the run's `sample` section describes."""
-    return Sampler(net, Schedule.from_config(cfg.diffusion), name, steps,
-                   variance=cfg.sample.variance, clip_x0=cfg.sample.clip_x0, eta=eta)
+    return Sampler(net, Schedule.from_config(cfg.diffusion), name, steps, variance=cfg.sample.variance,
+                   clip_x0=cfg.sample.clip_x0, eta=eta, jit_compile=use_xla(cfg.train.jit_compile))
 
 
 def load_run(run_dir: Path | None, runs_root: Path, checkpoint: int | None = None):

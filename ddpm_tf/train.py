@@ -25,7 +25,7 @@ from .config import ConfigError, to_dict
 from .data import load_folder, make_dataset
 from .diffusion import DiffusionModel
 from .images import atomic_write_bytes
-from .precision import apply_policy, make_optimizer
+from .precision import apply_policy, make_optimizer, use_xla
 from .runs import RunDir, RunError, RunLock, remove_partial_files
 from .sample import sampler_from_config
 from .schedule import Schedule
@@ -63,13 +63,6 @@ def _check_written_by(run: RunDir) -> None:
             f"{run.checkpoints}: these checkpoints were written by Keras {keras_version} (TensorFlow "
             f"{info.get('tf')}); this is Keras {compat.KERAS_VERSION}, whose optimizer state differs. Resume with "
             f"that TensorFlow line, or pass --restart. Sampling works on either line (exports/ are portable).")
-
-
-def use_xla(jit_compile: str) -> bool:
-    """`auto`: XLA on GPUs (usually faster there), off on CPUs (measured slower on CPUs here)."""
-    if jit_compile == "auto":
-        return bool(tf.config.list_physical_devices("GPU"))
-    return jit_compile == "true"
 
 
 @contextlib.contextmanager
