@@ -92,9 +92,10 @@ def run_bench(cfg, *, batch_size: int, steps: int = 4, warmup: int = 2, sample_n
     seeds = np.arange(sample_n)
     x = tf.random.normal([sample_n, size, size, channels])
     run_chunk = sampler._run
-    run_chunk(x, tf.constant(seeds, tf.int32), tf.constant(0), tf.constant(1)).numpy()  # trace + warm-up
+    zeros, seeds = tf.zeros_like(x), tf.constant(seeds, tf.int32)
+    run_chunk(x, zeros, seeds, tf.constant(0), tf.constant(1))[0].numpy()  # trace + warm-up
     t0 = time.perf_counter()
-    run_chunk(x, tf.constant(seeds, tf.int32), tf.constant(0), tf.constant(sample_steps)).numpy()
+    run_chunk(x, zeros, seeds, tf.constant(0), tf.constant(sample_steps))[0].numpy()
     sample_s = time.perf_counter() - t0
 
     gflop = forward_flops(cfg.model, size, channels) / 1e9

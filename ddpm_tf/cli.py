@@ -96,33 +96,114 @@ def train(config_path: Path, overrides: tuple[str, ...], restart: bool):
                  log=lambda msg: click.echo(f"warning: {msg}", err=True))
 
 
+def _sample_options(fn):
+    """Options shared by the commands that read a run."""
+    fn = click.option("--checkpoint", type=click.IntRange(0), default=None,
+                      help="Use the weights exported at this training step. [default: the newest]")(fn)
+    fn = click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None,
+                      help="Output PNG path. [default: under RUN/samples/]")(fn)
+    fn = click.option("--runs-root", type=click.Path(path_type=Path, file_okay=False), default=Path("runs"),
+                      help="Where to look for the newest run when --run is not given.")(fn)
+    fn = click.option("--run", "run_dir", type=click.Path(path_type=Path, file_okay=False, exists=True),
+                      default=None, help="Run directory. [default: the newest run under --runs-root]")(fn)
+    return fn
+
+
+def _parse_seeds(text: str | None):
+    if text is None:
+        return None
+    try:
+        seeds = [int(s) for s in text.replace(" ", "").split(",") if s]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected comma-separated integers, e.g. 17,42") from None
+    if not seeds or any(not 0 <= s < 2**31 for s in seeds):
+        raise click.BadParameter(f"{text!r}: expected seeds in 0..2147483647")
+    return seeds
+
+
 @main.command(epilog="""\b
 Examples:
   ddpm sample --n 64                              # newest run under runs/, 8x8 grid + 64 PNGs
+  ddpm sample --sampler dpmpp_2m --steps 20 --n 64  # the same kind of faces in 50x fewer steps
   ddpm sample --run runs/demo --n 16 --seed 7 --out faces.png
-  ddpm sample --run runs/demo --checkpoint 12000  # an older checkpoint of the run""")
-@click.option("--run", "run_dir", type=click.Path(path_type=Path, file_okay=False, exists=True),
-              default=None, help="Run directory. [default: the newest run under --runs-root]")
-@click.option("--runs-root", type=click.Path(path_type=Path, file_okay=False), default=Path("runs"),
-              help="Where to look for the newest run when --run is not given.")
+  ddpm sample --seeds 17,42 --sampler ddpm        # regenerate two images (seeds from their PNG metadata)
+  ddpm sample --run runs/demo --checkpoint 1250   # the weights exported at step 1250""")
+@_sample_options
 @click.option("--n", type=click.IntRange(1, 100000), default=None, help="Images to generate. [default: sample.n]")
 @click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=None,
               help="Image i uses seed + i, whatever the batch size. [default: sample.seed]")
+@click.option("--seeds", "seeds_text", default=None, metavar="S1,S2,...",
+              help="Generate exactly these seeds (overrides --n and --seed).")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=None,
-              help="Images per sampler batch. [default: sample.batch_size]")
-@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Grid PNG path; single images go to a folder of the same name without .png. "
-                   "[default: RUN/samples/grid-step{STEP}-seed{SEED}-n{N}.png]")
-@click.option("--checkpoint", type=click.IntRange(0), default=None,
-              help="Use the weights exported at this training step. [default: the newest]")
-def sample(run_dir, runs_root, n, seed, batch_size, out, checkpoint):
-    """Generate images with a trained run's EMA weights (DDPM ancestral sampler, 1000 steps)."""
+              help="Images per sampler batch; halved automatically when memory runs out. [default: sample.batch_size]")
+@click.option("--sampler", type=click.Choice(["ddpm", "ddim", "dpmpp_2m"]), default=None,
+              help="ddpm (ancestral), ddim, dpmpp_2m (DPM-Solver++ 2M). [default: sample.sampler]")
+@click.option("--steps", type=click.IntRange(1), default=None,
+              help="Sampler steps, 1..T. [default: sample.steps, else 1000 / 50 / 20 for ddpm / ddim / dpmpp_2m]")
+@click.option("--eta", type=click.FloatRange(0.0, 1.0), default=None,
+              help="DDIM noise: 0 deterministic, 1 DDPM-like. [default: sample.eta]")
+@click.option("--spacing", type=click.Choice(["linspace", "trailing"]), default=None,
+              help="Which timesteps a short sampler visits. [default: sample.spacing]")
+def sample(run_dir, runs_root, out, checkpoint, n, seed, seeds_text, batch_size, sampler, steps, eta, spacing):
+    """Generate images with a trained run's EMA weights: a near-square grid and one PNG per image.
+
+    Each PNG records its run, step, sampler, steps and seed in PNG text metadata.
+    """
+    seeds = _parse_seeds(seeds_text)
     _quiet_tensorflow()
     from .sample import sample as run_sample
 
-    grid = _user_errors(run_sample, run_dir, runs_root=runs_root, n=n, seed=seed, batch_size=batch_size,
-                        out=out, checkpoint=checkpoint, echo=click.echo, progress_factory=_progress)
+    grid = _user_errors(run_sample, run_dir, runs_root=runs_root, n=n, seed=seed, seeds=seeds,
+                        batch_size=batch_size, out=out, checkpoint=checkpoint, sampler=sampler, steps=steps,
+                        eta=eta, spacing=spacing, echo=click.echo, progress_factory=_progress)
     click.echo(str(grid))
+
+
+@main.command(epilog="""\b
+Examples:
+  ddpm interpolate --seeds 3 17 --frames 16
+  ddpm interpolate --run runs/demo --seeds 0 1 --frames 8 --steps 100 --out morph.png""")
+@_sample_options
+@click.option("--seeds", type=click.IntRange(0, 2**31 - 1), nargs=2, required=True, metavar="A B",
+              help="The two seeds to morph between.")
+@click.option("--frames", type=click.IntRange(2, 256), default=16, help="Frames, both ends included.")
+@click.option("--steps", type=click.IntRange(1), default=None, help="DDIM steps. [default: sample.steps or 50]")
+def interpolate(run_dir, runs_root, out, checkpoint, seeds, frames, steps):
+    """Morph between two seeds: spherical interpolation of their initial noise, DDIM with eta 0.
+
+    Writes a strip PNG and an animated GIF beside it.
+    """
+    _quiet_tensorflow()
+    from .sample import interpolate as run_interpolate
+
+    path = _user_errors(run_interpolate, run_dir, seeds[0], seeds[1], frames=frames, steps=steps,
+                        runs_root=runs_root, out=out, checkpoint=checkpoint, echo=click.echo)
+    click.echo(str(path))
+
+
+@main.command(epilog="""\b
+Examples:
+  ddpm img2img photo.jpg --strength 0.5
+  ddpm img2img sketch.png --strength 0.8 --seed 3 --run runs/demo --out dreamed.png""")
+@click.argument("image", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@_sample_options
+@click.option("--strength", type=click.FloatRange(0.0, 1.0), default=0.5,
+              help="How far to noise the image: 0 keeps it, 1 starts from (almost) pure noise.")
+@click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, help="Seed of the added noise.")
+@click.option("--steps", type=click.IntRange(1), default=None,
+              help="DDIM steps for the whole range (strength 0.5 runs about half). [default: sample.steps or 50]")
+def img2img(image, run_dir, runs_root, out, checkpoint, strength, seed, steps):
+    """SDEdit: noise IMAGE to the level matching --strength and denoise it with the run's model.
+
+    The image is prepared like training data (orientation, colour mode, centre crop, resize). Writes the
+    result and a before/after pair.
+    """
+    _quiet_tensorflow()
+    from .sample import img2img as run_img2img
+
+    path = _user_errors(run_img2img, run_dir, image, strength=strength, seed=seed, steps=steps,
+                        runs_root=runs_root, out=out, checkpoint=checkpoint, echo=click.echo)
+    click.echo(str(path))
 
 
 @main.command(name="runs", epilog="""\b

@@ -80,6 +80,10 @@ class SampleConfig:
     n: int = _spec(64, lo=1, hi=100000, help="images to generate")
     batch_size: int = _spec(64, lo=1, hi=4096, help="images per sampler batch")
     seed: int = _spec(0, lo=0, hi=2**31 - 1, help="image i uses seed + i")
+    sampler: str = _spec("ddpm", choices=("ddpm", "ddim", "dpmpp_2m"), help="reverse sampler")
+    steps: int = _spec(0, lo=0, hi=100000, help="sampler steps (0: the sampler's default: 1000, 50, 20)")
+    eta: float = _spec(0.0, lo=0.0, hi=1.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
+    spacing: str = _spec("linspace", choices=("linspace", "trailing"), help="which timesteps a short sampler visits")
     variance: str = _spec("small", choices=("small", "large"), help="DDPM reverse variance: posterior or beta")
     clip_x0: bool = _spec(True, help="clip the predicted x0 to [-1, 1] at every step")
 
@@ -179,6 +183,9 @@ def _cross_checks(cfg: Config, where: str) -> None:
         if r not in sizes:
             raise ConfigError(f"{where}: model.attention_resolutions contains {r}, which is not a feature-map "
                               f"size of this network: expected some of {sizes}")
+    if cfg.sample.steps > cfg.diffusion.timesteps:
+        raise ConfigError(f"{where}: sample.steps = {cfg.sample.steps} is more than diffusion.timesteps = "
+                          f"{cfg.diffusion.timesteps}: expected 0 (the sampler's default) to {cfg.diffusion.timesteps}")
     if cfg.diffusion.beta_end <= cfg.diffusion.beta_start:
         raise ConfigError(f"{where}: diffusion.beta_end = {cfg.diffusion.beta_end} must be greater than "
                           f"diffusion.beta_start = {cfg.diffusion.beta_start}")

@@ -28,10 +28,10 @@ def grid_shape(n: int) -> tuple[int, int]:
     return math.ceil(n / cols), cols
 
 
-def make_grid(images: np.ndarray, pad: int = 2, background: int = 255) -> np.ndarray:
-    """(N, H, W, C) uint8 -> one (rows*(H+pad)+pad, cols*(W+pad)+pad, C) uint8 grid image."""
+def make_grid(images: np.ndarray, pad: int = 2, background: int = 255, cols: int | None = None) -> np.ndarray:
+    """(N, H, W, C) uint8 -> one (rows*(H+pad)+pad, cols*(W+pad)+pad, C) uint8 grid, near-square by default."""
     n, h, w, c = images.shape
-    rows, cols = grid_shape(n)
+    rows, cols = grid_shape(n) if cols is None else (-(-n // cols), cols)
     grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), background, dtype=np.uint8)
     for i in range(n):
         r, q = divmod(i, cols)

@@ -161,7 +161,7 @@ def _train_locked(cfg, run: RunDir, restart, echo, progress_factory, log) -> Run
     progress = Progress(state, bar)
     # DDIM with eta 1 (stochastic): clean previews in 50 steps even early in training, where the
     # deterministic eta 0 shows grainy textures.
-    preview_sampler = sampler_from_config(ema_net, cfg, "ddim", 50, eta=1.0)
+    preview_sampler = sampler_from_config(ema_net, cfg, "ddim", 50, eta=1.0, spacing="linspace")
     preview_seeds = cfg.run.preview_seed + np.arange(cfg.run.preview_n)
     checkpointer = Checkpointer(run, manager, state, cfg.run.checkpoint_every, cfg.run.keep_last, ema_net, meta)
     callbacks = [StateTracker(state), progress, Logger(run, state, progress, writer, cfg.train), checkpointer,
