@@ -95,3 +95,31 @@ def test_img2img_bad_image(run_dir, tmp_path):
     bad.write_text("not an image", encoding="utf-8")
     result = invoke("img2img", bad, "--run", run_dir)
     assert result.exit_code == 1 and "bad.png" in result.output
+
+
+def test_a_run_without_weights_is_a_clear_error(run_dir):
+    for p in (run_dir / "exports").iterdir():
+        p.unlink()
+    result = invoke("sample", "--run", run_dir)
+    assert result.exit_code == 1 and "no exported weights yet" in result.output
+
+
+def test_batches_that_do_not_fit_are_split(run_dir, tmp_path, monkeypatch):
+    from ddpm_tf import sample as sample_mod
+    from ddpm_tf.compat import tf
+
+    real_call = sample_mod.Sampler.__call__
+    sizes = []
+
+    def limited(self, seeds, image_shape, **kwargs):
+        sizes.append(len(seeds))
+        if len(seeds) > 2:
+            raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
+        return real_call(self, seeds, image_shape, **kwargs)
+
+    monkeypatch.setattr(sample_mod.Sampler, "__call__", limited)
+    result = invoke("sample", "--run", run_dir, "--n", 5, "--batch-size", 8, "--sampler", "ddim", "--steps", 2,
+                    "--out", tmp_path / "g.png")
+    assert result.exit_code == 0, result.output
+    assert "retrying with batches of 4" in result.output and "retrying with batches of 2" in result.output
+    assert sizes == [5, 4, 2, 2, 1] and len(list((tmp_path / "g").glob("*.png"))) == 5
