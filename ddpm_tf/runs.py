@@ -216,8 +216,9 @@ class RunLock:
 
 
 def remove_partial_files(run: RunDir) -> list[Path]:
-    """Delete what a killed process can leave behind: our `.NAME.tmp-PID` files, TF's `*_temp` checkpoint
-    parts, and checkpoint files the manager's state does not list. Returns what was removed."""
+    """Delete what a killed process can leave behind: our `.NAME.tmp-PID` files and TF's `*_temp` checkpoint
+    parts. (A checkpoint whose data was written but not yet listed in the manager's state is overwritten
+    by the next save of the same step.) Returns what was removed."""
     removed = []
     for folder in (run.path, run.exports, run.previews, run.samples, run.checkpoints):
         if not folder.is_dir():
