@@ -127,7 +127,7 @@ Examples:
   ddpm sample --sampler dpmpp_2m --steps 20 --n 64  # the same kind of faces in 50x fewer steps
   ddpm sample --run runs/demo --n 16 --seed 7 --out faces.png
   ddpm sample --seeds 17,42 --sampler ddpm        # regenerate two images (seeds from their PNG metadata)
-  ddpm sample --run runs/demo --checkpoint 1250   # the weights exported at step 1250""")
+  ddpm sample --run runs/demo --checkpoint 3125   # the weights exported at step 3125""")
 @_sample_options
 @click.option("--n", type=click.IntRange(1, 100000), default=None, help="Images to generate. [default: sample.n]")
 @click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=None,
