@@ -63,21 +63,13 @@ class _StepTimer(keras.callbacks.Callback):
 def run_bench(cfg, *, batch_size: int, steps: int = 4, warmup: int = 2, sample_n: int = 16,
               sample_steps: int = 10, echo=print) -> dict:
     """Time `steps` train steps and `sample_steps` sampler steps of the network `cfg` describes."""
-    from .diffusion import DiffusionModel
-    from .precision import apply_policy, make_optimizer, use_xla
+    from .diffusion import build_diffusion_model
     from .sample import Sampler
-    from .schedule import Schedule
-    from .unet import build_unet, forward_flops
+    from .unet import forward_flops
 
     size, channels = cfg.data.image_size, cfg.data.channels
-    apply_policy(cfg.train.precision)
-    keras.utils.set_random_seed(0)
-    net = build_unet(cfg.model, size, channels, name="unet")
-    ema_net = build_unet(cfg.model, size, channels, name="ema_unet")
-    schedule = Schedule.from_config(cfg.diffusion)
-    model = DiffusionModel(net, ema_net, schedule, cfg.train)
-    xla = use_xla(cfg.train.jit_compile)
-    model.compile(optimizer=make_optimizer(cfg.train), **compat.compile_kwargs(xla))
+    model, xla = build_diffusion_model(cfg, seed=0)
+    net, ema_net, schedule = model.net, model.ema_net, model.schedule
 
     rng = np.random.default_rng(0)
     data = rng.uniform(-1, 1, (batch_size * 4, size, size, channels)).astype(np.float32)

@@ -78,3 +78,20 @@ class DiffusionModel(keras.Model):
             # e -= (1 - d) * (e - w), as one fused kernel per weight.
             tf.raw_ops.ResourceApplyGradientDescent(var=compat.handle(e), alpha=1.0 - d, delta=e - w)
         self.ema_updates.assign_add(1)
+
+
+def build_diffusion_model(cfg, seed: int):
+    """Network, EMA copy and compiled DiffusionModel for a config, in its precision; returns (model, xla)."""
+    from .precision import apply_policy, make_optimizer, use_xla
+    from .schedule import Schedule
+    from .unet import build_unet
+
+    apply_policy(cfg.train.precision)
+    keras.utils.set_random_seed(seed)
+    size, channels = cfg.data.image_size, cfg.data.channels
+    net = build_unet(cfg.model, size, channels, name="unet")
+    ema_net = build_unet(cfg.model, size, channels, name="ema_unet")
+    model = DiffusionModel(net, ema_net, Schedule.from_config(cfg.diffusion), cfg.train)
+    xla = use_xla(cfg.train.jit_compile)
+    model.compile(optimizer=make_optimizer(cfg.train), **compat.compile_kwargs(xla))
+    return model, xla

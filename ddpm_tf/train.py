@@ -20,16 +20,13 @@ from .callbacks import (
     TrainingStopped,
     export_ema,
 )
-from .compat import keras, tf
+from .compat import tf
 from .config import ConfigError, to_dict
 from .data import load_folder, make_dataset
-from .diffusion import DiffusionModel
+from .diffusion import build_diffusion_model
 from .images import atomic_write_bytes
-from .precision import apply_policy, make_optimizer, use_xla
 from .runs import RunDir, RunError, RunLock, remove_partial_files
 from .sample import sampler_from_config
-from .schedule import Schedule
-from .unet import build_unet
 
 # Keys whose change makes an old checkpoint meaningless for a new config.
 _FROZEN_KEYS = ("model", "diffusion", "data.image_size", "data.channels", "train.precision")
@@ -121,17 +118,11 @@ def _train_locked(cfg, run: RunDir, restart, echo, progress_factory, log) -> Run
          f"{state.steps_per_epoch} steps per epoch at batch {cfg.train.batch_size}")
 
     # --- networks, optimizer, checkpoint ----------------------------------------------------------
-    keras.utils.set_random_seed(cfg.train.seed)
     if cfg.train.deterministic:
         tf.config.experimental.enable_op_determinism()
-    apply_policy(cfg.train.precision)
+    model, xla = build_diffusion_model(cfg, seed=cfg.train.seed)
+    net, ema_net, optimizer = model.net, model.ema_net, model.optimizer
     size, channels = cfg.data.image_size, cfg.data.channels
-    net = build_unet(cfg.model, size, channels, name="unet")
-    ema_net = build_unet(cfg.model, size, channels, name="ema_unet")
-    model = DiffusionModel(net, ema_net, Schedule.from_config(cfg.diffusion), cfg.train)
-    optimizer = make_optimizer(cfg.train)
-    xla = use_xla(cfg.train.jit_compile)
-    model.compile(optimizer=optimizer, **compat.compile_kwargs(xla))
     compat.build_optimizer(optimizer, net.trainable_variables)
     echo(f"model: {net.count_params():,} parameters, TensorFlow {compat.TF_VERSION} "
          f"(Keras {compat.KERAS_VERSION}), {cfg.train.precision}, XLA {'on' if xla else 'off'}")
