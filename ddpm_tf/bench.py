@@ -80,7 +80,8 @@ def run_bench(cfg, *, batch_size: int, steps: int = 4, warmup: int = 2, sample_n
     model.fit(ds, epochs=1, steps_per_epoch=warmup + steps, verbose=0, shuffle=False, callbacks=[timer])
     train_ips = batch_size * steps / timer.seconds()
 
-    sampler = Sampler(ema_net, schedule, "ddpm", jit_compile=xla, chunks=max(1, schedule.timesteps // sample_steps))
+    sampler = Sampler(ema_net, schedule, "ddpm", jit_compile=xla, chunks=max(1, schedule.timesteps // sample_steps),
+                      prediction=cfg.diffusion.prediction)
     seeds = np.arange(sample_n)
     x = tf.random.normal([sample_n, size, size, channels])
     run_chunk = sampler._run

@@ -56,7 +56,11 @@ class DiffusionConfig:
     timesteps: int = _spec(1000, lo=2, hi=100000, help="T, the number of diffusion steps")
     beta_start: float = _spec(1e-4, lo=1e-8, hi=0.5, help="first beta of the linear schedule")
     beta_end: float = _spec(0.02, lo=1e-8, hi=0.999, help="last beta of the linear schedule")
-    schedule: str = _spec("linear", choices=("linear",), help="beta schedule")
+    schedule: str = _spec("linear", choices=("linear", "cosine"),
+                          help="beta schedule: linear (Ho et al. 2020) or cosine (Nichol & Dhariwal 2021)")
+    cosine_s: float = _spec(0.008, lo=0.0, hi=0.5, help="offset s of the cosine schedule")
+    prediction: str = _spec("eps", choices=("eps", "v", "x0"),
+                            help="what the network predicts: noise, v (Salimans & Ho 2022) or clean image")
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,9 @@ class TrainConfig:
     deterministic: bool = _spec(False, help="TF op determinism: a resumed run equals an uninterrupted one")
     precision: str = _spec("float32", choices=("float32", "mixed_float16", "mixed_bfloat16"),
                            help="numeric precision of the network (the loss and EMA stay float32)")
+    loss_weighting: str = _spec("none", choices=("none", "min_snr"),
+                                help="per-timestep loss weights: none, or min-SNR-gamma (Hang et al. 2023)")
+    min_snr_gamma: float = _spec(5.0, lo=0.01, hi=1000.0, help="gamma of min-SNR weighting")
     jit_compile: str = _spec("auto", choices=("auto", "true", "false"), help="XLA for the train step and the sampler")
 
 

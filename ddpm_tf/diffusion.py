@@ -1,9 +1,11 @@
-"""The trainable diffusion model: a `keras.Model` whose `train_step` does MSE noise prediction and EMA."""
+"""The trainable diffusion model: a `keras.Model` whose `train_step` does the (weighted) MSE of the
+configured prediction (eps, v or x0) and EMA."""
 
 from __future__ import annotations
 
 from . import compat
 from .compat import keras, tf
+from .schedule import extract, loss_weight, prediction_target
 
 
 def ema_decay_at(step, decay: float, warmup: bool):
@@ -19,9 +21,9 @@ def ema_decay_at(step, decay: float, warmup: bool):
 
 
 class DiffusionModel(keras.Model):
-    """Wraps the U-Net `net`, its EMA copy `ema_net` and the schedule; `fit` trains eps-prediction."""
+    """Wraps the U-Net `net`, its EMA copy `ema_net` and the schedule; `fit` trains the `prediction`."""
 
-    def __init__(self, net, ema_net, schedule, train_cfg, **kwargs):
+    def __init__(self, net, ema_net, schedule, train_cfg, prediction: str = "eps", **kwargs):
         super().__init__(name="diffusion", **kwargs)
         self.net = net
         self.ema_net = ema_net
@@ -30,6 +32,8 @@ class DiffusionModel(keras.Model):
         self.ema_decay = float(train_cfg.ema_decay)
         self.ema_warmup = bool(train_cfg.ema_warmup)
         self.grad_clip = float(train_cfg.grad_clip)
+        self.prediction = prediction
+        self.min_snr_gamma = float(train_cfg.min_snr_gamma) if train_cfg.loss_weighting == "min_snr" else None
         # All training randomness (t, eps) comes from this generator; it is checkpointed with the run.
         self.rng = tf.random.Generator.from_seed(train_cfg.seed)
         self.ema_updates = tf.Variable(0, dtype=tf.int64, trainable=False, name="ema_updates")
@@ -44,14 +48,22 @@ class DiffusionModel(keras.Model):
     def call(self, inputs, training=False):
         return self.net(inputs, training=training)
 
-    def diffusion_loss(self, x0, training: bool = True):
-        """Sample t ~ U{0..T-1} and eps ~ N(0, I); return (MSE of the predicted noise, t)."""
-        batch = tf.shape(x0)[0]
-        t = self.rng.uniform([batch], 0, self.schedule.timesteps, dtype=tf.int32)
-        eps = self.rng.normal(tf.shape(x0), dtype=tf.float32)
+    def diffusion_loss(self, x0, training: bool = True, t=None, eps=None):
+        """Draw t ~ U{0..T-1} and eps ~ N(0, I) (unless given); return (weighted MSE of the prediction, t).
+
+        With eps and no weighting this is Eq. 14 of Ho et al. 2020 (L_simple).
+        """
+        if t is None:
+            t = self.rng.uniform([tf.shape(x0)[0]], 0, self.schedule.timesteps, dtype=tf.int32)
+        if eps is None:
+            eps = self.rng.normal(tf.shape(x0), dtype=tf.float32)
         x_t = self.schedule.q_sample(x0, t, eps)
         pred = self.net([x_t, t], training=training)
-        return tf.reduce_mean(tf.square(tf.cast(pred, tf.float32) - eps)), t  # Eq. 14, Ho et al. 2020
+        alpha, sigma = extract(self.schedule.sqrt_alpha_bar, t), extract(self.schedule.sqrt_one_minus_alpha_bar, t)
+        target = prediction_target(self.prediction, x0, eps, alpha, sigma)
+        per_example = tf.reduce_mean(tf.square(tf.cast(pred, tf.float32) - target), axis=[1, 2, 3])
+        weights = loss_weight(self.prediction, tf.gather(self.schedule.snr, t), self.min_snr_gamma)
+        return tf.reduce_mean(weights * per_example), t
 
     def train_step(self, data):
         x0 = tf.cast(data, tf.float32)
@@ -91,7 +103,7 @@ def build_diffusion_model(cfg, seed: int):
     size, channels = cfg.data.image_size, cfg.data.channels
     net = build_unet(cfg.model, size, channels, name="unet")
     ema_net = build_unet(cfg.model, size, channels, name="ema_unet")
-    model = DiffusionModel(net, ema_net, Schedule.from_config(cfg.diffusion), cfg.train)
+    model = DiffusionModel(net, ema_net, Schedule.from_config(cfg.diffusion), cfg.train, cfg.diffusion.prediction)
     xla = use_xla(cfg.train.jit_compile)
     model.compile(optimizer=make_optimizer(cfg.train), **compat.compile_kwargs(xla))
     return model, xla

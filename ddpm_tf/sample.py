@@ -25,7 +25,7 @@ class Sampler:
 
     def __init__(self, net, schedule, name: str = "ddpm", steps: int | None = None, *, variance: str = "small",
                  clip_x0: bool = True, eta: float = 0.0, spacing: str = "linspace", jit_compile: bool = False,
-                 chunks: int = 20):
+                 chunks: int = 20, prediction: str = "eps"):
         if name not in SAMPLERS:
             raise ValueError(f"unknown sampler {name!r}: expected one of {', '.join(SAMPLERS)}")
         self.name = name
@@ -42,7 +42,7 @@ class Sampler:
 
         def run(x, x0_prev, seeds, start, stop):
             return reverse_steps(denoise, schedule, (x, x0_prev), seeds, start, stop, timesteps=self.timesteps,
-                                 coefficients=coefficients, clip_x0=clip_x0)
+                                 coefficients=coefficients, clip_x0=clip_x0, prediction=prediction)
 
         self._run = tf.function(run, jit_compile=jit_compile, reduce_retracing=True)
 
@@ -67,7 +67,8 @@ def sampler_from_config(net, cfg, name: str | None = None, steps: int | None = N
     s = cfg.sample
     return Sampler(net, Schedule.from_config(cfg.diffusion), name or s.sampler, steps or s.steps or None,
                    variance=s.variance, clip_x0=s.clip_x0, eta=s.eta if eta is None else eta,
-                   spacing=spacing or s.spacing, jit_compile=use_xla(cfg.train.jit_compile))
+                   spacing=spacing or s.spacing, jit_compile=use_xla(cfg.train.jit_compile),
+                   prediction=cfg.diffusion.prediction)
 
 
 def load_run(run_dir: Path | None, runs_root: Path, checkpoint: int | None = None):

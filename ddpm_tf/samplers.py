@@ -1,6 +1,7 @@
 """Reverse-process samplers: small functions of (denoise_fn, schedule, state, seeds, start, stop).
 
-`denoise_fn(x_t, t) -> eps` is the network's noise prediction. A sampler visits a descending sequence of
+`denoise_fn(x_t, t)` is the network's output: eps, v or x0 as the run's `prediction` says, turned into
+(x0, eps) by `schedule.split_prediction`, so every sampler works with every objective. A sampler visits a descending sequence of
 timesteps; its per-step coefficients are computed once in float64 numpy from the schedule, and its
 step is a `tf.while_loop` over the indices [start, stop) of that sequence, so the caller compiles the
 whole loop (or a chunk of it, for a progress bar) as one `tf.function`. The loop state is (x, x0_prev):
@@ -14,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from .compat import tf
+from .schedule import split_prediction
 
 SPACINGS = ("linspace", "trailing")
 DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "dpmpp_2m": 20}  # None: every timestep
@@ -108,11 +110,12 @@ def dpmpp_2m_coefficients(schedule, ts, **_) -> dict:
             "w_prev": c_x0 * w_prev}
 
 
-def reverse_steps(denoise_fn, schedule, state, seeds, start, stop, *, timesteps, coefficients, clip_x0=True):
+def reverse_steps(denoise_fn, schedule, state, seeds, start, stop, *, timesteps, coefficients, clip_x0=True,
+                  prediction="eps"):
     """Steps [start, stop) of x_prev = c_x0 x0 + w_prev x0_prev + c_x x + c_eps eps + c_noise z.
 
     Every sampler above is this update with its own per-step coefficients; x0 and eps come from the
-    network (x0 optionally clipped to [-1, 1], eps then made consistent with it).
+    network's `prediction` (x0 optionally clipped to [-1, 1], eps then made consistent with it).
     """
     ts = tf.constant(timesteps)
     a_t = tf.constant(schedule.np["alpha_bar"][timesteps], tf.float32)
@@ -122,8 +125,8 @@ def reverse_steps(denoise_fn, schedule, state, seeds, start, stop, *, timesteps,
 
     def body(i, x, x0_prev):
         t = ts[i]
-        eps = tf.cast(denoise_fn(x, tf.fill([batch], t)), tf.float32)
-        x0 = (x - tf.sqrt(1.0 - a_t[i]) * eps) / tf.sqrt(a_t[i])
+        out = tf.cast(denoise_fn(x, tf.fill([batch], t)), tf.float32)
+        x0, eps = split_prediction(prediction, out, x, tf.sqrt(a_t[i]), tf.sqrt(1.0 - a_t[i]))
         if clip_x0:
             x0 = tf.clip_by_value(x0, -1.0, 1.0)
             eps = (x - tf.sqrt(a_t[i]) * x0) / tf.sqrt(1.0 - a_t[i])

@@ -6,25 +6,30 @@ import numpy as np
 import pytest
 
 from ddpm_tf.compat import keras, tf
-from ddpm_tf.config import ModelConfig
+from ddpm_tf.config import DiffusionConfig, ModelConfig
 from ddpm_tf.sample import Sampler
 from ddpm_tf.samplers import initial_noise, make_timesteps
-from ddpm_tf.schedule import Schedule, extract, linear_betas
+from ddpm_tf.schedule import Schedule, extract, linear_betas, prediction_target
 from ddpm_tf.unet import build_unet
 
 MU, S = 0.3, 0.5
 
 
 class GaussianDenoiser:
-    """The exact E[eps | x_t] when every pixel of x0 is N(MU, S^2), called like a Keras model."""
+    """The exact E[eps | x_t] when every pixel of x0 is N(MU, S^2), called like a Keras model; with
+    another `prediction` it returns the matching E[v | x_t] or E[x0 | x_t] (all linear in x_t)."""
 
-    def __init__(self, schedule):
+    def __init__(self, schedule, prediction="eps"):
         self.schedule = schedule
+        self.prediction = prediction
 
     def __call__(self, inputs, training=False):
         x_t, t = inputs
         ab = extract(self.schedule.alpha_bar, t)
-        return tf.sqrt(1.0 - ab) / (ab * S**2 + 1.0 - ab) * (x_t - tf.sqrt(ab) * MU)
+        eps = tf.sqrt(1.0 - ab) / (ab * S**2 + 1.0 - ab) * (x_t - tf.sqrt(ab) * MU)
+        # E[x0 | x_t] directly (not (x_t - sigma eps) / alpha, which loses float32 digits when alpha -> 0).
+        x0 = (tf.sqrt(ab) * S**2 * x_t + (1.0 - ab) * MU) / (ab * S**2 + 1.0 - ab)
+        return prediction_target(self.prediction, x0, eps, tf.sqrt(ab), tf.sqrt(1.0 - ab))
 
 
 # Tolerances on the spread: DDIM is a first-order ODE solver, and at 50 steps it under-disperses a
@@ -48,6 +53,21 @@ def test_samplers_recover_gaussian_data(name, steps, options, rel_std):
     x = sampler(np.arange(8), (32, 32, 1))  # 8192 scalar samples
     assert x.mean() == pytest.approx(MU, abs=0.02)
     assert x.std() == pytest.approx(S, rel=rel_std)
+
+
+@pytest.mark.parametrize("schedule_name", ["linear", "cosine"])
+@pytest.mark.parametrize("prediction", ["v", "x0"])
+@pytest.mark.parametrize("name, steps, rel_std", [("ddpm", 250, 0.04), ("ddim", 100, 0.05), ("dpmpp_2m", 25, 0.05)])
+def test_every_sampler_works_with_every_objective(schedule_name, prediction, name, steps, rel_std):
+    schedule = Schedule.from_config(DiffusionConfig(timesteps=1000, schedule=schedule_name))
+    sampler = Sampler(GaussianDenoiser(schedule, prediction), schedule, name, steps, clip_x0=False,
+                      prediction=prediction)
+    x = sampler(np.arange(8), (32, 32, 1))
+    assert x.mean() == pytest.approx(MU, abs=0.02)
+    assert x.std() == pytest.approx(S, rel=rel_std)
+    # The same sampler driven by the eps form of the same denoiser lands on the same images.
+    eps_sampler = Sampler(GaussianDenoiser(schedule, "eps"), schedule, name, steps, clip_x0=False)
+    assert np.allclose(eps_sampler(np.arange(2), (32, 32, 1)), x[:2], atol=2e-3)
 
 
 def test_timestep_spacings():

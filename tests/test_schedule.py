@@ -6,7 +6,17 @@ import numpy as np
 import pytest
 
 from ddpm_tf.compat import tf
-from ddpm_tf.schedule import Schedule, extract, linear_betas
+from ddpm_tf.config import DiffusionConfig
+from ddpm_tf.schedule import (
+    PREDICTIONS,
+    Schedule,
+    cosine_betas,
+    extract,
+    linear_betas,
+    loss_weight,
+    prediction_target,
+    split_prediction,
+)
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +81,54 @@ def test_posterior_matches_bayes(schedule):
     assert var.numpy().item() == pytest.approx(post_var, rel=1e-5)
 
 
-def test_predict_x0_inverts_q_sample(schedule):
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_every_prediction_converts_back_to_x0_and_eps(schedule, prediction):
     x0 = tf.random.stateless_uniform([3, 4, 4, 1], seed=[0, 1], minval=-1, maxval=1)
     eps = tf.random.stateless_normal([3, 4, 4, 1], seed=[0, 2])
     t = tf.constant([1, 400, 900])
     x_t = schedule.q_sample(x0, t, eps)
-    assert np.allclose(schedule.predict_x0(x_t, t, eps).numpy(), x0.numpy(), atol=2e-3)
+    alpha, sigma = extract(schedule.sqrt_alpha_bar, t), extract(schedule.sqrt_one_minus_alpha_bar, t)
+    target = prediction_target(prediction, x0, eps, alpha, sigma)
+    if prediction == "v":  # Salimans & Ho 2022: v = alpha eps - sigma x0, by hand in float64
+        ab = schedule.np["alpha_bar"][[1, 400, 900]].reshape(-1, 1, 1, 1)
+        v = np.sqrt(ab) * eps.numpy() - np.sqrt(1 - ab) * x0.numpy()
+        assert np.allclose(target.numpy(), v, atol=1e-6)
+    x0_back, eps_back = split_prediction(prediction, target, x_t, alpha, sigma)
+    # eps -> x0 divides by alpha (0.08 at t = 900), x0 -> eps by sigma (0.01 at t = 1): float32 round-off grows.
+    assert np.allclose(x0_back.numpy(), x0.numpy(), atol=2e-3)
+    assert np.allclose(eps_back.numpy(), eps.numpy(), atol=2e-3)
+
+
+def test_cosine_schedule_closed_form():
+    T, s = 1000, 0.008
+    b = cosine_betas(T, s)
+    alpha_bar = np.cumprod(1 - b)
+    f = lambda t: np.cos((t / T + s) / (1 + s) * np.pi / 2) ** 2  # noqa: E731 - Eq. 17, Nichol & Dhariwal 2021
+    t = np.arange(1, T + 1)
+    # Before the clip at 0.999 (only the very last beta), alpha_bar_t = f(t) / f(0) exactly.
+    assert np.allclose(alpha_bar[:-1], f(t[:-1]) / f(0), rtol=1e-10)
+    assert b.max() == pytest.approx(0.999) and (b[:-1] < 0.999).all() and (b > 0).all()
+    assert alpha_bar[T // 2 - 1] == pytest.approx(f(T / 2) / f(0))  # about 0.494: half the signal at mid-way
+    sched = Schedule.from_config(DiffusionConfig(timesteps=T, schedule="cosine"))
+    assert np.allclose(sched.np["betas"], b)
+    assert np.allclose(sched.np["snr"], alpha_bar / (1 - alpha_bar))
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_min_snr_weights_equal_min_snr_times_x0_error(schedule, prediction):
+    # Hang et al. 2023: whatever the objective, the weighted loss is min(SNR, gamma) |x0 - x0_hat|^2.
+    gamma = 5.0
+    t = tf.constant([0, 50, 200, 500, 999])
+    x0 = tf.random.stateless_uniform([5, 8, 8, 1], seed=[3, 1], minval=-1, maxval=1)
+    eps = tf.random.stateless_normal([5, 8, 8, 1], seed=[3, 2])
+    x_t = schedule.q_sample(x0, t, eps)
+    alpha, sigma = extract(schedule.sqrt_alpha_bar, t), extract(schedule.sqrt_one_minus_alpha_bar, t)
+    out = prediction_target(prediction, x0, eps, alpha, sigma) + 0.1 * tf.random.stateless_normal(x0.shape, [3, 3])
+    x0_hat, _ = split_prediction(prediction, out, x_t, alpha, sigma)
+    target = prediction_target(prediction, x0, eps, alpha, sigma)
+    snr = tf.gather(schedule.snr, t)
+    weighted = loss_weight(prediction, snr, gamma) * tf.reduce_mean(tf.square(out - target), axis=[1, 2, 3])
+    ab = schedule.np["alpha_bar"][t.numpy()]
+    expected = np.minimum(ab / (1 - ab), gamma) * np.mean(np.square(x0_hat - x0), axis=(1, 2, 3))
+    assert np.allclose(weighted.numpy(), expected, rtol=2e-3)
+    assert np.allclose(loss_weight(prediction, snr, None).numpy(), 1.0)
