@@ -80,6 +80,7 @@ class TrainConfig:
                                 help="per-timestep loss weights: none, or min-SNR-gamma (Hang et al. 2023)")
     min_snr_gamma: float = _spec(5.0, lo=0.01, hi=1000.0, help="gamma of min-SNR weighting")
     jit_compile: str = _spec("auto", choices=("auto", "true", "false"), help="XLA for the train step and the sampler")
+    eval_every: int = _spec(0, lo=0, help="KID/FID (the eval section's settings) every N epochs during training (0: never)")
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,18 @@ class SampleConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    features: str = _spec("imagenet", help="feature network: imagenet (Keras' Inception-V3) or a .h5/.keras file")
+    n: int = _spec(256, lo=2, hi=100000, help="samples generated for `ddpm eval` and train.eval_every")
+    sampler: str = _spec("ddim", choices=("ddpm", "ddim", "dpmpp_2m"), help="sampler of the evaluated images")
+    steps: int = _spec(50, lo=0, hi=100000, help="its steps (0: the sampler's default)")
+    eta: float = _spec(1.0, lo=0.0, hi=1.0, help="its DDIM eta")
+    seed: int = _spec(100000, lo=0, hi=2**31 - 1, help="first seed of the evaluated samples (fixed: comparable runs)")
+    kid_subsets: int = _spec(100, lo=1, hi=10000, help="KID is averaged over this many random subsets")
+    kid_subset_size: int = _spec(1000, lo=2, hi=100000, help="images per KID subset (at most the set sizes)")
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -103,10 +116,11 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 SECTIONS: dict[str, type] = {"run": RunConfig, "data": DataConfig, "model": ModelConfig, "diffusion": DiffusionConfig,
-            "train": TrainConfig, "sample": SampleConfig}
+            "train": TrainConfig, "sample": SampleConfig, "eval": EvalConfig}
 
 
 def _describe(meta: dict, kind: str) -> str:
@@ -190,9 +204,12 @@ def _cross_checks(cfg: Config, where: str) -> None:
         if r not in sizes:
             raise ConfigError(f"{where}: model.attention_resolutions contains {r}, which is not a feature-map "
                               f"size of this network: expected some of {sizes}")
-    if cfg.sample.steps > cfg.diffusion.timesteps:
-        raise ConfigError(f"{where}: sample.steps = {cfg.sample.steps} is more than diffusion.timesteps = "
-                          f"{cfg.diffusion.timesteps}: expected 0 (the sampler's default) to {cfg.diffusion.timesteps}")
+    for key in ("sample", "eval"):
+        steps = getattr(cfg, key).steps
+        if steps > cfg.diffusion.timesteps:
+            raise ConfigError(f"{where}: {key}.steps = {steps} is more than diffusion.timesteps = "
+                              f"{cfg.diffusion.timesteps}: expected 0 (the sampler's default) to "
+                              f"{cfg.diffusion.timesteps}")
     if cfg.diffusion.beta_end <= cfg.diffusion.beta_start:
         raise ConfigError(f"{where}: diffusion.beta_end = {cfg.diffusion.beta_end} must be greater than "
                           f"diffusion.beta_start = {cfg.diffusion.beta_start}")
