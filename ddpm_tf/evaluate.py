@@ -87,6 +87,8 @@ class KerasFeatures:
         images = np.asarray(images)
         if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.dtype != np.uint8:
             raise EvalError(f"expected uint8 images (N, H, W, 1 or 3), got {images.dtype} {images.shape}")
+        if not len(images):
+            raise EvalError("no images to compute features of")
         out = [self._forward(tf.constant(self._match_channels(images[lo:lo + self.batch_size]))).numpy()
                for lo in range(0, len(images), self.batch_size)]
         return np.concatenate(out).astype(np.float64)
@@ -153,6 +155,8 @@ def load_features(spec=None, *, batch_size: int = 32) -> KerasFeatures:
     if spec is None or spec == "imagenet":
         return inception_features("imagenet", batch_size=batch_size)
     path = Path(spec)
+    if path.is_dir():
+        raise EvalError(f"{path}: a folder, not a file (--features expects {EXPECTED_FILES})")
     if not path.is_file():
         raise EvalError(f"{path}: no such file (--features expects {EXPECTED_FILES})")
     kind = "model" if zipfile.is_zipfile(path) else _hdf5_kind(path)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+GRAM_LIMIT = 3000  # KID precomputes the kernel of all rows up to this many (3000² float64: 72 MB)
+
 
 class MetricError(ValueError):
     """The features cannot give this metric (too few images, mismatched dimensions, NaN)."""
@@ -73,8 +75,11 @@ def polynomial_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
     """Unbiased estimate of MMD² between the distributions of rows of x and y (the U-statistic)."""
-    m, n = len(x), len(y)
-    k_xx, k_yy, k_xy = polynomial_kernel(x, x), polynomial_kernel(y, y), polynomial_kernel(x, y)
+    return _mmd2_from_kernels(polynomial_kernel(x, x), polynomial_kernel(y, y), polynomial_kernel(x, y))
+
+
+def _mmd2_from_kernels(k_xx: np.ndarray, k_yy: np.ndarray, k_xy: np.ndarray) -> float:
+    m, n = len(k_xx), len(k_yy)
     # Dropping the diagonals k(x_i, x_i) is what makes it unbiased (Gretton et al. 2012, Eq. 3):
     # they would add (E k(x, x) - E k(x, x')) / m > 0 to every estimate.
     xx = (k_xx.sum() - np.trace(k_xx)) / (m * (m - 1))
@@ -87,13 +92,22 @@ def kid(feats_a, feats_b, *, subsets: int = 100, subset_size: int = 1000,
     """Kernel Inception Distance: (mean, std) of unbiased MMD² over random subsets of both sets.
 
     Each subset draws `min(subset_size, N_a, N_b)` rows of each set without replacement, as
-    torch-fidelity and clean-fid do; the std is over subsets (their spread, not the mean's error).
+    torch-fidelity and clean-fid do; the std is over subsets (their spread, not the mean's error; it
+    shrinks to the other set's share alone when a set is no larger than the subset).
     """
     a, b = _check_pair(feats_a, feats_b, 2)
     if subsets < 1 or subset_size < 2:
         raise MetricError(f"KID needs subsets >= 1 and subset_size >= 2, got {subsets} and {subset_size}")
     m = min(subset_size, len(a), len(b))
     rng = np.random.default_rng(seed)
-    estimates = [mmd2_unbiased(a[rng.choice(len(a), m, replace=False)],
-                               b[rng.choice(len(b), m, replace=False)]) for _ in range(subsets)]
+    draws = [(rng.choice(len(a), m, replace=False), rng.choice(len(b), m, replace=False)) for _ in range(subsets)]
+    if len(a) + len(b) <= GRAM_LIMIT:
+        # Small sets (the usual case during training): one kernel matrix, then each subset is a gather
+        # instead of three m x m x D products; same numbers.
+        gram = polynomial_kernel(np.concatenate([a, b]), np.concatenate([a, b]))
+        k_aa, k_bb, k_ab = gram[:len(a), :len(a)], gram[len(a):, len(a):], gram[:len(a), len(a):]
+        estimates = [_mmd2_from_kernels(k_aa[np.ix_(ia, ia)], k_bb[np.ix_(ib, ib)], k_ab[np.ix_(ia, ib)])
+                     for ia, ib in draws]
+    else:
+        estimates = [mmd2_unbiased(a[ia], b[ib]) for ia, ib in draws]
     return float(np.mean(estimates)), float(np.std(estimates))

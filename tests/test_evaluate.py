@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm_tf import evaluate
+from ddpm_tf import evaluate, metrics
 from ddpm_tf.compat import KERAS3, keras, tf
 from ddpm_tf.evaluate import (
     INCEPTION_NOTOP_FILE,
@@ -112,6 +112,14 @@ def test_kid_is_unbiased():
     stderr = np.std(unbiased, ddof=1) / np.sqrt(repeats)
     assert abs(np.mean(unbiased)) < 4 * stderr
     assert np.mean(biased) > 10 * stderr  # the test could tell the two estimators apart
+
+
+def test_kid_kernel_shortcut_gives_the_same_numbers(monkeypatch):
+    rng = np.random.default_rng(14)
+    a, b = rng.normal(size=(60, 5)), rng.normal(0.3, 1.0, size=(40, 5))
+    shortcut = kid(a, b, subsets=7, subset_size=30, seed=1)
+    monkeypatch.setattr(metrics, "GRAM_LIMIT", 0)  # per-subset kernels, as for large sets
+    assert kid(a, b, subsets=7, subset_size=30, seed=1) == pytest.approx(shortcut, rel=1e-12)
 
 
 def test_kid_self_near_zero_and_noise_large(extractor):
@@ -251,6 +259,8 @@ def test_features_from_saved_model(tmp_path, suffix):
 def test_features_file_errors(tmp_path, monkeypatch):
     with pytest.raises(EvalError, match=f"missing.h5: no such file.*{INCEPTION_NOTOP_FILE}"):
         load_features(tmp_path / "missing.h5")
+    with pytest.raises(EvalError, match="a folder, not a file"):
+        load_features(tmp_path)
     garbage = tmp_path / "garbage.h5"
     garbage.write_bytes(b"\x00 definitely not HDF5" * 10)
     with pytest.raises(EvalError, match="garbage.h5: neither an HDF5"):
