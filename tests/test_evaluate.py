@@ -221,7 +221,9 @@ def test_evaluate_images_end_to_end(planted, extractor, tmp_path):
     pairs = save_pairs_png(tmp_path / "pairs.png", samples, train, result.memorization, k=4)
     writer = tf.summary.create_file_writer(str(tmp_path / "tb"))
     write_tensorboard(writer, result, step=7, pairs_png=pairs)
-    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    tags = {v.tag for e in tf.compat.v1.train.summary_iterator(str(events[0])) for v in e.summary.value}
+    assert {"eval/kid_mean", "eval/kid_std", "eval/fid", "eval/near_copy_share", "eval/closest_pairs"} <= tags
 
 
 def test_load_image_folder(tmp_path):
@@ -286,7 +288,13 @@ def test_features_file_errors(tmp_path, monkeypatch):
 
 
 def test_inception_path_shape():
-    """Inception-V3 with random weights (no download): gray 16x16 in, resized to 299, 2048 features out."""
-    features = evaluate.inception_features(None, batch_size=2)
+    """Inception-V3 with random weights (no download): gray 16x16 in, resized to 299, 2048 features out,
+    built in float32 even under a run's mixed precision policy."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        features = evaluate.inception_features(None, batch_size=2)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert {layer.compute_dtype for layer in features.model.layers} == {"float32"}
     out = features(smooth_images(2, seed=13)[..., :1])
     assert out.shape == (2, 2048) and np.all(np.isfinite(out))
