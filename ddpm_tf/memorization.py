@@ -13,6 +13,10 @@ construction; halving it leaves a margin that fresh samples almost never cross (
 concentrate in high dimensions), while copies and light edits of a training image (distance about
 0) always do. The 5th percentile rather than the minimum keeps a few near-duplicates inside the
 training set from shrinking the threshold; exact duplicates (distance 0) are left out of it.
+Checked on ORL faces at 32x32 (360 training, 40 held out): no held-out photo and none of 64 demo
+samples is flagged in pixel space, every planted copy is, also with +-3 grey levels of noise.
+Pixel space misses shifted copies (a 1-pixel shift is as far as a typical neighbour): that is what
+the feature space is for.
 """
 
 from __future__ import annotations
@@ -198,6 +202,8 @@ def save_pairs_png(path: Path, samples, train, report: MemorizationReport, k: in
 
     Each pair is a 2-image strip (1 px padding); the strips form a grid with 4 px gaps, closest first.
     """
+    if k < 1 or not len(report.near_copy):
+        raise ValueError(f"save_pairs_png: k = {k} pairs of {len(report.near_copy)} samples: expected at least 1")
     samples, train = np.asarray(samples), np.asarray(train)
     pairs, notes = [], []
     for i, space in report.closest(k):
