@@ -12,6 +12,7 @@ from .compat import keras, tf
 from .diffusion import ema_decay_at
 from .images import atomic_write_bytes, make_grid, save_png, to_uint8
 from .runs import RunDir, save_weights
+from .summaries import image_summary, scalar_summary
 
 
 class TrainingStopped(RuntimeError):
@@ -222,22 +223,17 @@ class Preview(keras.callbacks.Callback):
                 image_summary("preview", grid, path.read_bytes(), step)
 
 
-# The newest tensorflow-cpu no longer installs tensorboard, where `tf.summary.scalar/image` live. Their
-# on-disk formats are simple: a tensor tagged with the plugin's name. `tf.summary.write` is TF core.
-def _plugin_metadata(plugin: str):
-    from tensorflow.core.framework import summary_pb2
+class Evaluate(keras.callbacks.Callback):
+    """Every N epochs: KID/FID of the EMA weights' samples (`evaluate(step, epoch)`), shown beside the loss."""
 
-    metadata = summary_pb2.SummaryMetadata()
-    metadata.plugin_data.plugin_name = plugin
-    return metadata
+    def __init__(self, state: RunState, evaluate, every: int, echo=print):
+        super().__init__()
+        self.state, self.evaluate, self.every, self.echo = state, evaluate, every, echo
 
-
-def scalar_summary(tag: str, value, step: int) -> None:
-    """A TensorBoard scalar (the scalars plugin's format: one float32)."""
-    tf.summary.write(tag, tf.cast(value, tf.float32), step=step, metadata=_plugin_metadata("scalars"))
-
-
-def image_summary(tag: str, image, png: bytes, step: int) -> None:
-    """A TensorBoard image (the images plugin's format: [width, height, PNG bytes])."""
-    tensor = tf.constant([str(image.shape[1]).encode(), str(image.shape[0]).encode(), png])
-    tf.summary.write(tag, tensor, step=step, metadata=_plugin_metadata("images"))
+    def on_epoch_end(self, epoch, logs=None):
+        completed = int(self.state.epoch.numpy())
+        if not self.every or completed != epoch + 1 or completed % self.every or self.state.nonfinite_step:
+            return
+        result = self.evaluate(int(self.model.optimizer.iterations.numpy()), completed)
+        self.echo(f"epoch {completed}: KID {result.kid_mean:.4f} +- {result.kid_std:.4f}, FID {result.fid:.1f}, "
+                  f"near-copies {100 * result.memorization.share:.1f} %")

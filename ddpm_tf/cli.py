@@ -33,26 +33,43 @@ def _progress(total, desc=None):
     return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, smoothing=0.1)
 
 
+def _known_errors() -> tuple[tuple, tuple]:
+    """(user errors, interruptions) of the modules loaded so far; those that import TensorFlow are only
+    looked at once a command has loaded them, so a command without TensorFlow never pays for it."""
+    from .data import DataError
+    from .metrics import MetricError
+    from .runs import RunError
+
+    errors: tuple = (DataError, RunError, MetricError)
+    interrupted: tuple = ()
+    if "ddpm_tf.callbacks" in sys.modules:
+        from .callbacks import TrainingStopped
+
+        errors += (TrainingStopped,)
+    if "ddpm_tf.train" in sys.modules:
+        from .train import Interrupted
+
+        interrupted = (Interrupted,)
+    if "ddpm_tf.evaluate" in sys.modules:
+        from .evaluate import EvalError
+
+        errors += (EvalError,)
+    return errors, interrupted
+
+
 def _user_errors(fn, *args, **kwargs):
     """Run fn, mapping the package's user-facing errors to Click exceptions (no tracebacks)."""
     from .config import ConfigError
-    from .data import DataError
-    from .runs import RunError
 
-    stopped: tuple = ()
-    if "ddpm_tf.train" in sys.modules:  # only importable (cheaply) once TensorFlow is loaded
-        from .callbacks import TrainingStopped
-        from .train import Interrupted
-
-        stopped = (TrainingStopped,)
     try:
         return fn(*args, **kwargs)
     except ConfigError as exc:
         raise ConfigProblem(str(exc)) from None
-    except (DataError, RunError, *stopped) as exc:
-        raise click.ClickException(str(exc)) from None
     except Exception as exc:
-        if stopped and isinstance(exc, Interrupted):
+        errors, interrupted = _known_errors()
+        if isinstance(exc, errors):
+            raise click.ClickException(str(exc)) from None
+        if isinstance(exc, interrupted):
             # 128 + signal number, as a shell reports a process stopped by that signal.
             raise SystemExit(143 if str(exc) == "SIGTERM" else 130) from None
         raise
@@ -157,6 +174,46 @@ def sample(run_dir, runs_root, out, checkpoint, n, seed, seeds_text, batch_size,
                         batch_size=batch_size, out=out, checkpoint=checkpoint, sampler=sampler, steps=steps,
                         eta=eta, spacing=spacing, echo=click.echo, progress_factory=_progress)
     click.echo(str(grid))
+
+
+@main.command(name="eval", epilog="""\b
+Examples:
+  ddpm eval --run runs/demo --features runs/orl-features.h5 --memorization
+  ddpm eval --n 1000 --sampler dpmpp_2m --steps 20       # newest run, Inception-V3 features
+  ddpm eval --run runs/demo --images my_samples/         # score a folder instead of generating""")
+@click.option("--run", "run_dir", type=click.Path(path_type=Path, file_okay=False, exists=True), default=None,
+              help="Run directory. [default: the newest run under --runs-root]")
+@click.option("--runs-root", type=click.Path(path_type=Path, file_okay=False), default=Path("runs"),
+              help="Where to look for the newest run when --run is not given.")
+@click.option("--checkpoint", type=click.IntRange(0), default=None,
+              help="Use the weights exported at this training step. [default: the newest]")
+@click.option("--n", type=click.IntRange(2, 100000), default=None, help="Samples to generate. [default: eval.n]")
+@click.option("--images", type=click.Path(path_type=Path, file_okay=False, exists=True), default=None,
+              help="Score the images in this folder instead of generating samples.")
+@click.option("--features", default=None, metavar="imagenet|FILE",
+              help="Feature network: Keras' ImageNet Inception-V3, Inception weights (.h5), or a whole Keras "
+                   "model file mapping images in [-1, 1] to features. [default: eval.features]")
+@click.option("--sampler", type=click.Choice(["ddpm", "ddim", "dpmpp_2m"]), default=None,
+              help="Sampler of the evaluated images. [default: eval.sampler]")
+@click.option("--steps", type=click.IntRange(1), default=None, help="Its steps. [default: eval.steps]")
+@click.option("--eta", type=click.FloatRange(0.0, 1.0), default=None, help="Its DDIM eta. [default: eval.eta]")
+@click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=None,
+              help="Sample i uses seed + i. [default: eval.seed]")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=None,
+              help="Images per sampler batch. [default: sample.batch_size]")
+@click.option("--memorization", is_flag=True,
+              help="Also match every sample to its nearest training image (pixels and features, mirrors "
+                   "included), report the share of near-copies and write the closest pairs as a PNG.")
+def eval_command(run_dir, runs_root, checkpoint, n, images, features, sampler, steps, eta, seed, batch_size,
+                 memorization):
+    """Score a run: KID and FID of its samples against its training images, and optionally a memorisation
+    report. Results are appended to RUN/eval.csv and TensorBoard; grids and pairs go to RUN/eval/."""
+    _quiet_tensorflow()
+    from .quality import run_eval
+
+    _user_errors(run_eval, run_dir, runs_root=runs_root, checkpoint=checkpoint, n=n, images=images,
+                 features=features, sampler=sampler, steps=steps, eta=eta, seed=seed, batch_size=batch_size,
+                 memorization=memorization, echo=click.echo, progress_factory=_progress)
 
 
 @main.command(epilog="""\b

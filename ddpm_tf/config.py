@@ -101,7 +101,7 @@ class EvalConfig:
     features: str = _spec("imagenet", help="feature network: imagenet (Keras' Inception-V3) or a .h5/.keras file")
     n: int = _spec(256, lo=2, hi=100000, help="samples generated for `ddpm eval` and train.eval_every")
     sampler: str = _spec("ddim", choices=("ddpm", "ddim", "dpmpp_2m"), help="sampler of the evaluated images")
-    steps: int = _spec(50, lo=0, hi=100000, help="its steps (0: the sampler's default)")
+    steps: int = _spec(0, lo=0, hi=100000, help="its steps (0: the sampler's default: 1000, 50, 20)")
     eta: float = _spec(1.0, lo=0.0, hi=1.0, help="its DDIM eta")
     seed: int = _spec(100000, lo=0, hi=2**31 - 1, help="first seed of the evaluated samples (fixed: comparable runs)")
     kid_subsets: int = _spec(100, lo=1, hi=10000, help="KID is averaged over this many random subsets")

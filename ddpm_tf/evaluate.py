@@ -28,6 +28,7 @@ from .compat import keras, tf
 from .images import atomic_write_bytes
 from .memorization import MemorizationReport, flip_images, memorization_report
 from .metrics import fid, kid
+from .summaries import image_summary, scalar_summary
 
 # The file Keras downloads for InceptionV3(include_top=False, weights="imagenet").
 INCEPTION_NOTOP_FILE = "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"
@@ -292,8 +293,6 @@ def save_memorization_csv(path: Path, report: MemorizationReport) -> None:
 def write_tensorboard(writer, result: EvalResult, step: int, pairs_png: Path | None = None,
                       prefix: str = "eval/") -> None:
     """KID, FID and near-copy shares as TensorBoard scalars (and the closest pairs as an image)."""
-    from .callbacks import image_summary, scalar_summary  # lazy: callbacks may import this module
-
     with writer.as_default():
         for key, value in result.scalars().items():
             scalar_summary(prefix + key, value, step)

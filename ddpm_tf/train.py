@@ -12,6 +12,7 @@ import yaml
 from . import compat
 from .callbacks import (
     Checkpointer,
+    Evaluate,
     Logger,
     Preview,
     Progress,
@@ -158,6 +159,11 @@ def _train_locked(cfg, run: RunDir, restart, echo, progress_factory, log) -> Run
     callbacks = [StateTracker(state), progress, Logger(run, state, progress, writer, cfg.train), checkpointer,
                  Preview(run, state, preview_sampler, preview_seeds, (size, size, channels),
                          cfg.run.preview_every, writer)]
+    if cfg.train.eval_every:
+        from .quality import TrainingEval
+
+        callbacks.append(Evaluate(state, TrainingEval(run, cfg, ema_net, images, writer, log), cfg.train.eval_every,
+                                  echo))
 
     # --- fit: a partial epoch first when resuming mid-epoch, then whole epochs ---------------------
     try:

@@ -1,0 +1,134 @@
+"""`ddpm eval` and the in-training eval, orchestration only: a run's samples (generated, or a folder) and
+its training images -> features -> KID, FID and the memorisation report -> eval.csv, TensorBoard, PNGs.
+
+The maths is in metrics.py and memorization.py, the feature networks in evaluate.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .compat import tf
+from .evaluate import (
+    append_eval_csv,
+    evaluate_images,
+    load_features,
+    load_image_folder,
+    prepare_reference,
+    save_memorization_csv,
+    write_tensorboard,
+)
+from .images import make_grid, save_png
+from .memorization import save_pairs_png
+from .sample import _build_sampler, _run_batches, load_run
+
+
+def training_images(cfg, echo=print) -> np.ndarray:
+    """The run's training set as (N, S, S, C) uint8, exactly as training reads it."""
+    from .data import load_folder
+
+    images, _ = load_folder(cfg.data, warn=lambda msg: None)
+    echo(f"reference: {len(images)} training images from {cfg.data.dir}")
+    return images
+
+
+def generate(net, cfg, n: int, *, sampler=None, steps=None, eta=None, seed=None, batch_size=None,
+             progress_factory=None, echo=print):
+    """n uint8 images from `net` with the eval section's sampler (or the given one); returns (images, tag)."""
+    e = cfg.eval
+    eta = e.eta if eta is None else eta
+    smp = _build_sampler(net, cfg, name=sampler or e.sampler, steps=steps or e.steps or None, eta=eta)
+    seeds = (e.seed if seed is None else seed) + np.arange(n)
+    size, channels = cfg.data.image_size, cfg.data.channels
+    batch_size = batch_size or cfg.sample.batch_size
+    bar = progress_factory(total=smp.num_steps * -(-n // batch_size), desc="sample") if progress_factory else None
+    try:
+        images = _run_batches(smp, seeds, (size, size, channels), batch_size, bar, echo)
+    finally:
+        if bar is not None:
+            bar.close()
+    return images, f"{smp.name}-{smp.num_steps}" + (f"-eta{eta:g}" if smp.name == "ddim" else "")
+
+
+def run_eval(run_dir: Path | None = None, *, runs_root: Path = Path("runs"), checkpoint: int | None = None,
+             n: int | None = None, images: Path | None = None, features: str | None = None, sampler=None,
+             steps=None, eta=None, seed=None, batch_size=None, memorization: bool = False, echo=print,
+             progress_factory=None):
+    """Evaluate a run's samples (or a folder of images) against its training set; returns the EvalResult."""
+    run, cfg, net, step = load_run(run_dir, runs_root, checkpoint)
+    extractor = load_features(features or cfg.eval.features)  # before sampling: a missing file fails fast
+    size, channels = cfg.data.image_size, cfg.data.channels
+    if images is not None:
+        samples, source = load_image_folder(Path(images), size, channels, warn=echo), f"folder:{images}"
+    else:
+        n = n or cfg.eval.n
+        echo(f"sampling {n} images from {run.path} (step {step}) for evaluation")
+        samples, source = generate(net, cfg, n, sampler=sampler, steps=steps, eta=eta, seed=seed,
+                                   batch_size=batch_size, progress_factory=progress_factory, echo=echo)
+    reference = prepare_reference(training_images(cfg, echo), extractor, flipped=memorization)
+    e = cfg.eval
+    result = evaluate_images(samples, reference, extractor, kid_subsets=e.kid_subsets,
+                             kid_subset_size=e.kid_subset_size, seed=e.seed, memorization=memorization)
+    out_dir = run.path / "eval"
+    tag = f"step{step}-{source.replace('/', '_').replace(':', '-')}-n{len(samples)}"
+    save_png(out_dir / f"samples-{tag}.png", make_grid(samples[:64]), {"ddpm_tf:step": step, "ddpm_tf:source": source})
+    pairs = None
+    if memorization:
+        pairs = save_pairs_png(out_dir / f"closest-pairs-{tag}.png", samples, reference.images, result.memorization)
+        save_memorization_csv(out_dir / f"memorization-{tag}.csv", result.memorization)
+    append_eval_csv(run.path / "eval.csv", {"step": step, "source": source, **result.row()})
+    if cfg.run.tensorboard:
+        writer = tf.summary.create_file_writer(str(run.path / "tensorboard"))
+        write_tensorboard(writer, result, step, pairs)
+        writer.close()
+    echo(format_result(result, step, source, run.path, pairs))
+    return result
+
+
+def format_result(result, step: int, source: str, run_path: Path, pairs: Path | None) -> str:
+    """A few readable lines: KID, FID, near-copies and where everything was written."""
+    lines = [f"eval of {run_path} at step {step}: {result.n} images ({source}) against {result.n_train} "
+             f"training images, features {result.features}",
+             f"  KID  {result.kid_mean:.5f} +- {result.kid_std:.5f}  ({result.kid_subsets} subsets of "
+             f"{result.kid_subset_size}; the main figure at small N)",
+             f"  FID  {result.fid:.2f}  (biased upwards at small N; compare only at equal N and features)"]
+    if result.memorization is not None:
+        summary = result.memorization.summary()
+        copies = int(np.sum(result.memorization.near_copy))
+        lines.append(f"  near-copies of training images: {copies} of {result.n} "
+                     f"({100 * result.memorization.share:.1f} %)")
+        for space in result.memorization.spaces:
+            lines.append(f"  {space} space: median nearest distance sample->train "
+                         f"{summary[f'{space}_sample_to_train_p50']:.4f}, train->train "
+                         f"{summary[f'{space}_train_to_train_p50']:.4f}, near-copy below "
+                         f"{summary[f'{space}_threshold']:.4f}")
+        lines.append(f"  closest pairs: {pairs}")
+    lines.append(f"  appended to {run_path / 'eval.csv'}")
+    return "\n".join(lines)
+
+
+class TrainingEval:
+    """The small eval `train.eval_every` runs: fixed seeds, the eval section's sampler, near-copy share too.
+
+    The feature network and the training features are computed once, at the start of training, so a
+    missing features file stops the run before its first step, not hours later.
+    """
+
+    def __init__(self, run, cfg, ema_net, train_images: np.ndarray, writer=None, echo=print):
+        self.run, self.cfg, self.ema_net, self.writer, self.echo = run, cfg, ema_net, writer, echo
+        self.extractor = load_features(cfg.eval.features)
+        self.reference = prepare_reference(train_images, self.extractor, flipped=True)
+
+    def __call__(self, step: int, epoch: int):
+        """Sample, score, append to eval.csv and TensorBoard; returns the EvalResult."""
+        e = self.cfg.eval
+        samples, source = generate(self.ema_net, self.cfg, e.n, echo=self.echo)
+        result = evaluate_images(samples, self.reference, self.extractor, kid_subsets=e.kid_subsets,
+                                 kid_subset_size=e.kid_subset_size, seed=e.seed, memorization=True)
+        append_eval_csv(self.run.path / "eval.csv", {"step": step, "epoch": epoch, "source": source,
+                                                     **result.row()})
+        if self.writer is not None:
+            write_tensorboard(self.writer, result, step)
+        return result
