@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import uuid
 from dataclasses import asdict
 from pathlib import Path
@@ -110,9 +111,10 @@ class Cache:
                              tuple(self.index["shape"]))
 
 
-def load_cache(path: Path, settings) -> tuple[Cache | None, str | None]:
+def load_cache(path: Path, settings, verify: bool = True) -> tuple[Cache | None, str | None]:
     """(Cache, None) when `path` holds a sound cache for `settings`; (None, why not) otherwise (why is
-    None when there is simply no cache yet)."""
+    None when there is simply no cache yet). `verify=False` skips the shards' sha256 (sizes and headers
+    are always checked): for a cache this process has just checked or written."""
     path = Path(path)
     if not (path / INDEX).exists():
         return None, None
@@ -124,7 +126,7 @@ def load_cache(path: Path, settings) -> tuple[Cache | None, str | None]:
         if index["settings"] != settings_dict(settings):
             changed = sorted(k for k, v in settings_dict(settings).items() if index["settings"].get(k) != v)
             return None, f"it was made with other settings ({', '.join(changed)} differ)"
-        problem = _check_shards(path, index)
+        problem = _check_shards(path, index, verify)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         return None, f"its index {path / INDEX} is damaged ({type(exc).__name__}: {exc})"
     if problem:
@@ -132,14 +134,14 @@ def load_cache(path: Path, settings) -> tuple[Cache | None, str | None]:
     return Cache(path, index), None
 
 
-def _check_shards(path: Path, index: dict) -> str | None:
-    """Why the shards do not match the index (size, header, sha256), or None."""
+def _check_shards(path: Path, index: dict, verify: bool) -> str | None:
+    """Why the shards do not match the index (size, header, sha256 when `verify`), or None."""
     total = 0
     for s in index["shards"]:
         f = path / s["file"]
         if not f.is_file():
             return f"shard {f.name} is missing"
-        if f.stat().st_size != s["bytes"] or file_sha256(f) != s["sha256"]:
+        if f.stat().st_size != s["bytes"] or verify and file_sha256(f) != s["sha256"]:
             return f"shard {f.name} is damaged (size or checksum differs from the index)"
         arr = np.load(f, mmap_mode="r")
         if arr.dtype != np.uint8 or list(arr.shape[1:]) != index["shape"] or arr.shape[0] != s["rows"]:
@@ -189,3 +191,39 @@ def commit(path: Path, index: dict, manifest: dict) -> None:
 def write_manifest_only(path: Path, manifest: dict) -> None:
     """The manifest of a folder with no usable image (there is no cache to commit)."""
     atomic_write_bytes(Path(path) / MANIFEST, json.dumps(manifest, ensure_ascii=False, indent=1).encode("utf-8"))
+
+
+class Staging:
+    """Pixels decoded in this run, by content hash: in memory when small, else in a memory-mapped file in
+    the cache folder, so a first run over a huge folder does not hold every image in memory."""
+
+    def __init__(self, folder: Path, count: int, shape: tuple):
+        self.rows: dict[str, int] = {}
+        self.path = None
+        if count * int(np.prod(shape)) > 256 * 2**20:
+            folder.mkdir(parents=True, exist_ok=True)
+            self.path = folder / f".staging-{os.getpid()}.npy"
+            self.store = np.lib.format.open_memmap(self.path, "w+", np.uint8, (count,) + shape)
+        else:
+            self.store = np.empty((count,) + shape, np.uint8)
+        self.extra: dict[str, np.ndarray] = {}
+
+    def __contains__(self, h: str) -> bool:
+        return h in self.rows or h in self.extra
+
+    def put(self, h: str, pixels) -> None:
+        if pixels is None:
+            return
+        if len(self.rows) < len(self.store):
+            self.rows[h] = len(self.rows)
+            self.store[self.rows[h]] = pixels
+        else:
+            self.extra[h] = pixels
+
+    def get(self, h: str) -> np.ndarray:
+        return self.store[self.rows[h]] if h in self.rows else self.extra[h]
+
+    def close(self) -> None:
+        self.store = None
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)

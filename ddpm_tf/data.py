@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,8 +84,10 @@ def decode_file(path, settings: DecodeSettings) -> Decoded:
             im = Image.open(f)
         except UnidentifiedImageError:
             return Decoded(reason=NOT_AN_IMAGE, detail="Pillow does not recognise the content")
-        except Image.DecompressionBombError as exc:
-            return Decoded(reason=BOMB, detail=str(exc).split(".")[0])
+        except Image.DecompressionBombError as exc:  # Pillow's own check, at twice our limit
+            found = re.search(r"\((\d+) pixels\)", str(exc))
+            pixels = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+            return Decoded(reason=BOMB, detail=f"{pixels}, more than data.max_pixels = {settings.max_pixels:,}")
         except Exception as exc:  # noqa: BLE001 - a broken header can raise anything; the file is at fault
             return Decoded(reason=CORRUPT, detail=f"{type(exc).__name__}: {exc}")
         with im:

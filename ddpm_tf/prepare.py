@@ -81,20 +81,20 @@ class Prepared:
 
     def images(self, memory_mb: float = 1024):
         """The training set: an in-memory array up to `memory_mb`, else memory-mapped shards."""
-        cache, why = cache_mod.load_cache(self.cache_dir, self.settings)
+        cache, why = cache_mod.load_cache(self.cache_dir, self.settings, verify=False)  # prepare checked it
         if cache is None:
             raise DataError(f"{self.cache_dir}: the cache changed while in use ({why}); run ddpm prepare again")
         reader = cache.images()
         return reader.load() if reader.nbytes <= memory_mb * 2**20 else reader
 
 
-def settings_from_config(data_cfg) -> DecodeSettings:
-    """The decode settings of a config's data section."""
+def settings_from_config(data_cfg, draft: bool = True) -> DecodeSettings:
+    """The decode settings of a config's data section (`draft` off only to measure what it saves)."""
     from PIL import ImageColor
 
     return DecodeSettings(size=data_cfg.image_size, channels=data_cfg.channels, crop=data_cfg.crop,
                           background=tuple(ImageColor.getrgb(data_cfg.background)[:3]), min_side=data_cfg.min_side,
-                          max_pixels=data_cfg.max_pixels)
+                          max_pixels=data_cfg.max_pixels, draft=draft)
 
 
 def cache_dir_for(src: Path, data_cfg, settings: DecodeSettings) -> Path:
@@ -248,13 +248,13 @@ def _check_outside(out: Path, src: Path) -> None:
                         "expected a folder outside it (data.cache, or --out for ddpm prepare)")
 
 
-def prepare(data_cfg, *, echo=print, progress_factory=None, only_changes=False) -> Prepared:
+def prepare(data_cfg, *, echo=print, progress_factory=None, only_changes=False, draft=True) -> Prepared:
     """Scan, hash, decode what is new, deduplicate and write the cache of `data_cfg.dir`; print a summary
     (with `only_changes`, only when something was decoded or skipped)."""
     src = Path(data_cfg.dir)
     if not src.is_dir():
         raise DataError(f"data.dir: {src} is not a folder (expected a folder of images)")
-    settings = settings_from_config(data_cfg)
+    settings = settings_from_config(data_cfg, draft)
     out = cache_dir_for(src, data_cfg, settings)
     _check_outside(out, src)
     old, why = cache_mod.load_cache(out, settings)
@@ -273,7 +273,7 @@ def prepare(data_cfg, *, echo=print, progress_factory=None, only_changes=False) 
     result = Prepared(out, out / cache_mod.MANIFEST, records, settings, rebuilt=why,
                       reused=len(first_path) - len(todo))
     shape = (settings.size, settings.size, settings.channels)
-    staged = _Staging(out, len(todo), shape)
+    staged = cache_mod.Staging(out, len(todo), shape)
     bar = progress_factory(total=len(todo), desc="decode") if progress_factory and len(todo) >= SERIAL_BELOW else None
     for h, decoded in decode_all(todo, settings, data_cfg.workers, bar):
         entries[h] = _entry(decoded)
@@ -303,42 +303,6 @@ def prepare(data_cfg, *, echo=print, progress_factory=None, only_changes=False) 
     if not only_changes or result.decoded or result.count < len(records):
         echo(summary(result))
     return result
-
-
-class _Staging:
-    """Pixels decoded in this run, by content hash: in memory when small, else in a memory-mapped file in
-    the cache folder, so a first run over a huge folder does not hold every image in memory."""
-
-    def __init__(self, folder: Path, count: int, shape: tuple):
-        self.rows: dict[str, int] = {}
-        self.path = None
-        if count * int(np.prod(shape)) > 256 * 2**20:
-            folder.mkdir(parents=True, exist_ok=True)
-            self.path = folder / f".staging-{os.getpid()}.npy"
-            self.store = np.lib.format.open_memmap(self.path, "w+", np.uint8, (count,) + shape)
-        else:
-            self.store = np.empty((count,) + shape, np.uint8)
-        self.extra: dict[str, np.ndarray] = {}
-
-    def __contains__(self, h: str) -> bool:
-        return h in self.rows or h in self.extra
-
-    def put(self, h: str, pixels) -> None:
-        if pixels is None:
-            return
-        if len(self.rows) < len(self.store):
-            self.rows[h] = len(self.rows)
-            self.store[self.rows[h]] = pixels
-        else:
-            self.extra[h] = pixels
-
-    def get(self, h: str) -> np.ndarray:
-        return self.store[self.rows[h]] if h in self.rows else self.extra[h]
-
-    def close(self) -> None:
-        self.store = None
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
 
 
 def _write(out, old, used, old_rows, staged, entries, records, settings, manifest) -> None:
