@@ -231,7 +231,7 @@ Examples:
 def img2img(image, run_dir, runs_root, out, checkpoint, strength, seed, steps):
     """SDEdit: noise IMAGE to the level matching --strength and denoise it with the run's model.
 
-    The image is prepared like training data (orientation, colour mode, centre crop, resize). Writes the
+    The image is prepared like training data (orientation, colour mode, data.crop, resize). Writes the
     result and a before/after pair.
     """
     _quiet_tensorflow()
