@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import uuid
 from dataclasses import asdict
 from pathlib import Path
@@ -33,6 +34,9 @@ VERSION = 1
 INDEX = "cache.json"
 MANIFEST = "manifest.json"
 SHARD_BYTES = 64 * 2**20  # big enough for sequential reads, small enough to write in memory
+# Only files of these exact shapes are ever deleted: --out may point at a folder holding other files.
+OWN_FILES = re.compile(r"images-[0-9a-f]{8}-\d{5}\.npy|\.(images-[0-9a-f]{8}-\d{5}\.npy|cache\.json|manifest\.json)"
+                       r"\.tmp-\d+|\.staging-\d+\.npy")
 
 
 def settings_dict(settings) -> dict:
@@ -179,9 +183,9 @@ def commit(path: Path, index: dict, manifest: dict) -> None:
     index = {"format": FORMAT, "version": VERSION, **index}
     atomic_write_bytes(path / INDEX, json.dumps(index, ensure_ascii=False).encode("utf-8"))
     atomic_write_bytes(path / MANIFEST, json.dumps(manifest, ensure_ascii=False, indent=1).encode("utf-8"))
-    keep = {s["file"] for s in index["shards"]} | {INDEX, MANIFEST}
+    keep = {s["file"] for s in index["shards"]}
     for f in path.iterdir():
-        if f.name not in keep and (f.name.startswith("images-") or ".tmp-" in f.name or f.name.startswith(".staging")):
+        if f.name not in keep and OWN_FILES.fullmatch(f.name):
             try:
                 f.unlink()
             except OSError:  # e.g. still memory-mapped by a trainer on Windows: removed next time

@@ -327,3 +327,19 @@ def test_prepare_does_not_import_tensorflow(tmp_path):
     done = subprocess.run([sys.executable, "-c", code, str(src), str(tmp_path / "c")], capture_output=True, text=True,
                           env=env)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_out_folder_keeps_files_it_did_not_write(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "shared"
+    src.mkdir()
+    out.mkdir()
+    for i in range(2):
+        Image.fromarray(pattern(i)).save(src / f"{i}.png")
+    (out / "images-2023.jpg").write_bytes(b"a user's file")
+    (out / ".images-00000000-00000.npy.tmp-1").write_bytes(b"left by a killed write")
+    prepare.prepare(cfg_for(src, out), echo=lambda s: None)
+    Image.fromarray(pattern(7)).save(src / "new.png")  # a new generation of shards replaces the old one
+    prepare.prepare(cfg_for(src, out), echo=lambda s: None)
+    names = sorted(p.name for p in out.iterdir())
+    assert "images-2023.jpg" in names and not any(".tmp-" in n for n in names)
+    assert len([n for n in names if n.endswith(".npy")]) == 1
