@@ -348,8 +348,8 @@ def _manifest(src: Path, out: Path, settings: DecodeSettings, records: list[File
 
 REASON_ORDER = ("used", DUPLICATE, NEAR_DUPLICATE, "too-small", "not-an-image", "empty", "truncated-or-corrupt",
                 "decompression-bomb", UNREADABLE, SYMLINK_LOOP, BROKEN_LINK, NOT_A_FILE)
-FACE_NOTES = {"found": "centred on the largest face", "none": "no face found: centre crop",
-              "no-opencv": "OpenCV not installed (pip install ddpm_tf[face]): centre crop"}
+FACE_NOTES = {"found": "centred on the largest face", "none": "with no face found, centre-cropped instead",
+              "no-opencv": "centre-cropped instead: OpenCV not installed (pip install ddpm_tf[face])"}
 
 
 def summary(result: Prepared, examples: int = 3, width: int = 110) -> str:
@@ -371,6 +371,6 @@ def summary(result: Prepared, examples: int = 3, width: int = 110) -> str:
         line = f"  {reason:<22}{len(recs):>6}  {shown}"
         lines.append((line[:width - len(more) - 3] + "..." if len(line) + len(more) > width else line) + more)
     for note, n in sorted(result.faces.items()):
-        lines.append(f"  face crop: {n} {FACE_NOTES.get(note, note)}")
+        lines.append(f"  face crop: {n} images {FACE_NOTES.get(note, note)}")
     lines.append(f"  manifest: {result.manifest}")
     return "\n".join(lines)
