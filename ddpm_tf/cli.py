@@ -113,6 +113,42 @@ def train(config_path: Path, overrides: tuple[str, ...], restart: bool):
                  log=lambda msg: click.echo(f"warning: {msg}", err=True))
 
 
+@main.command(epilog="""\b
+Examples:
+  ddpm prepare ~/Pictures/faces --size 64 --crop face
+  ddpm prepare photos --channels 1 --crop none --out data/cache/photos-gray
+  ddpm prepare --config configs/demo.yaml        # exactly what `ddpm train` would prepare""")
+@click.argument("src", required=False, type=click.Path(path_type=Path))
+@click.option("--size", type=click.IntRange(8, 1024), default=None, help="Square side in pixels. [default: data.image_size]")
+@click.option("--channels", type=click.Choice(["1", "3"]), default=None, help="1 grayscale, 3 RGB. [default: data.channels]")
+@click.option("--crop", type=click.Choice(["center", "face", "none"]), default=None,
+              help="center square, face (centre on the largest face), none (pad to square). [default: data.crop]")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Cache folder. [default: data.cache; auto is data/cache/NAME-KEY]")
+@click.option("--config", "-c", "config_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Take the data section from this config (the options above override it).")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override one config value, e.g. data.near_duplicate_threshold=6.")
+def prepare(src, size, channels, crop, out, config_path, overrides):
+    """Check, decode and cache every image under SRC, and report what happened to each file.
+
+    Every file ends as used or skipped with a reason (not an image, truncated or corrupt, too small,
+    duplicate, near duplicate, decompression bomb, unreadable, symlink loop, ...), listed in the
+    cache's manifest.json. SRC is only read. A re-run decodes only new or changed files; `ddpm train`
+    runs this step itself.
+    """
+    from .config import load_config
+
+    if src is None and config_path is None:
+        raise click.UsageError("give SRC (a folder of images) or --config (whose data.dir is used)")
+    flags = {"dir": src, "image_size": size, "channels": channels, "crop": crop, "cache": out}
+    sets = [f"data.{k}={v}" for k, v in flags.items() if v is not None] + list(overrides)
+    cfg = _user_errors(load_config, config_path, sets)
+    from .prepare import prepare as run_prepare
+
+    _user_errors(run_prepare, cfg.data, echo=click.echo, progress_factory=_progress)
+
+
 def _sample_options(fn):
     """Options shared by the commands that read a run."""
     fn = click.option("--checkpoint", type=click.IntRange(0), default=None,
@@ -252,7 +288,7 @@ Examples:
 def img2img(image, run_dir, runs_root, out, checkpoint, strength, seed, steps):
     """SDEdit: noise IMAGE to the level matching --strength and denoise it with the run's model.
 
-    The image is prepared like training data (orientation, colour mode, centre crop, resize). Writes the
+    The image is prepared like training data (orientation, colour mode, data.crop, resize). Writes the
     result and a before/after pair.
     """
     _quiet_tensorflow()

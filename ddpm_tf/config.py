@@ -38,6 +38,16 @@ class DataConfig:
     channels: int = _spec(3, choices=(1, 3), help="1 = grayscale, 3 = RGB")
     min_side: int = _spec(16, lo=1, help="images whose shorter side is below this are skipped")
     flip: bool = _spec(True, help="random horizontal flips")
+    cache: str = _spec("auto", help="folder of the prepared cache (auto: data/cache/NAME-KEY under the working "
+                                    "directory, KEY from the folder's path and the settings)")
+    crop: str = _spec("center", choices=("center", "face", "none"),
+                      help="center square, face (centre on the largest face; needs the face extra), none (pad)")
+    background: str = _spec("white", help="colour under transparency and padding: a name or #rrggbb")
+    max_pixels: int = _spec(100_000_000, lo=1, help="images with more pixels are skipped as decompression bombs")
+    near_duplicate_threshold: int = _spec(6, lo=-1, hi=64,
+                                          help="max bits of 64 (perceptual hash) apart for a near duplicate (-1: off)")
+    workers: int = _spec(0, lo=0, hi=256, help="decoding processes (0: one per CPU core)")
+    memory_mb: int = _spec(1024, lo=0, help="caches up to this size are loaded into memory, larger ones memory-mapped")
 
 
 @dataclass(frozen=True)
@@ -185,6 +195,17 @@ def _check_value(where: str, key: str, value: Any, default: Any, meta: dict) -> 
     return value
 
 
+def _check_colour(text: str, where: str) -> None:
+    """A colour Pillow understands, e.g. white, gray, #202020."""
+    from PIL import ImageColor
+
+    try:
+        ImageColor.getrgb(text)
+    except ValueError:
+        raise ConfigError(f"{where}: data.background = {text!r} is not a colour: expected a name (white, black, "
+                          "gray, ...) or #rrggbb") from None
+
+
 def _cross_checks(cfg: Config, where: str) -> None:
     """Checks that involve several keys at once."""
     m, d = cfg.model, cfg.data
@@ -210,6 +231,7 @@ def _cross_checks(cfg: Config, where: str) -> None:
             raise ConfigError(f"{where}: {key}.steps = {steps} is more than diffusion.timesteps = "
                               f"{cfg.diffusion.timesteps}: expected 0 (the sampler's default) to "
                               f"{cfg.diffusion.timesteps}")
+    _check_colour(d.background, where)
     if cfg.diffusion.beta_end <= cfg.diffusion.beta_start:
         raise ConfigError(f"{where}: diffusion.beta_end = {cfg.diffusion.beta_end} must be greater than "
                           f"diffusion.beta_start = {cfg.diffusion.beta_start}")

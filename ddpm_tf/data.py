@@ -1,10 +1,16 @@
-"""A folder of images -> checked, centre-cropped uint8 arrays -> a tf.data pipeline.
+"""One image file -> a checked, cropped (S, S, C) uint8 array; the prepared cache -> a tf.data pipeline.
 
-Source files are only ever opened for reading.
+Source files are only ever opened for reading. TensorFlow is imported inside `make_dataset` only, so
+`ddpm prepare` and its decoding processes never load it. Scanning a folder, hashing, duplicates and the
+cache on disk live in `prepare.py` and `cache.py`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import math
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,111 +20,245 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm", ".pnm", ".pbm"}
 
+# Why a file is not used. Decoding decides the first six, prepare.py the rest.
+NOT_AN_IMAGE = "not-an-image"
+EMPTY = "empty"
+CORRUPT = "truncated-or-corrupt"
+TOO_SMALL = "too-small"
+BOMB = "decompression-bomb"
+UNREADABLE = "unreadable"
+
 
 class DataError(ValueError):
     """The data folder cannot be used at all (missing, or no usable image)."""
 
 
 @dataclass(frozen=True)
-class Skipped:
-    path: Path
-    reason: str
+class DecodeSettings:
+    """Everything that changes the decoded pixels: part of the cache key."""
+
+    size: int
+    channels: int
+    crop: str = "center"  # center | face | none
+    background: tuple = (255, 255, 255)
+    min_side: int = 1
+    max_pixels: int = 100_000_000
+    draft: bool = True  # JPEG DCT-domain downscaling for large reductions
 
 
-def find_images(root: Path) -> list[Path]:
-    """Image files under `root`, recursively, extensions case-insensitive, in a stable order."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"data.dir: {root} is not a folder (expected a folder of images)")
-    files = []
-    for path in sorted(root.rglob("*")):  # rglob does not descend into symlinked folders: no loops
+@dataclass
+class Decoded:
+    """The outcome of decoding one file: pixels and perceptual hash, or the reason it is not used."""
+
+    pixels: np.ndarray | None = None  # (S, S, C) uint8
+    reason: str | None = None
+    detail: str = ""
+    phash: int = 0  # perceptual_hash
+    face: str = ""  # face crops only: found | none | no-opencv
+
+
+@contextlib.contextmanager
+def _pixel_limit(max_pixels: int):
+    """Pillow's decompression-bomb limit set to ours while opening (Pillow raises at twice the limit)."""
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+def decode_file(path, settings: DecodeSettings) -> Decoded:
+    """Decode one file into a Decoded, mapping every failure to a reason (never raises for a bad file)."""
+    try:
+        f = open(path, "rb")  # opened here so that a permission error is told apart from bad content
+    except OSError as exc:
+        return Decoded(reason=UNREADABLE, detail=exc.strerror or type(exc).__name__)
+    with f, _pixel_limit(settings.max_pixels):
+        if f.seek(0, 2) == 0:
+            return Decoded(reason=EMPTY, detail="zero bytes")
+        f.seek(0)
         try:
-            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
-                files.append(path)
-        except OSError:  # a broken or looping symlink is not an image file
-            continue
-    return files
+            im = Image.open(f)
+        except UnidentifiedImageError:
+            return Decoded(reason=NOT_AN_IMAGE, detail="Pillow does not recognise the content")
+        except Image.DecompressionBombError as exc:  # Pillow's own check, at twice our limit
+            found = re.search(r"\((\d+) pixels\)", str(exc))
+            pixels = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+            return Decoded(reason=BOMB, detail=f"{pixels}, more than data.max_pixels = {settings.max_pixels:,}")
+        except Exception as exc:  # noqa: BLE001 - a broken header can raise anything; the file is at fault
+            return Decoded(reason=CORRUPT, detail=f"{type(exc).__name__}: {exc}")
+        with im:
+            return _decode_open(im, settings)
 
 
-def _to_mode(im: Image.Image, channels: int) -> Image.Image:
-    """Convert any Pillow mode to RGB (channels 3) or L (channels 1); transparency goes on white."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+def _decode_open(im: Image.Image, settings: DecodeSettings) -> Decoded:
+    """Checks, then pixels, for an opened image."""
+    w, h = im.size
+    if w * h > settings.max_pixels:
+        return Decoded(reason=BOMB, detail=f"{w}x{h} is more than data.max_pixels = {settings.max_pixels:,}")
+    if min(w, h) < settings.min_side:
+        return Decoded(reason=TOO_SMALL, detail=f"{w}x{h}, data.min_side is {settings.min_side}")
+    try:
+        im.seek(0)  # animated files: the first frame
+        if settings.draft and im.format == "JPEG":
+            # libjpeg scales by 1/2, 1/4 or 1/8 while decoding; keep at least 2x the target for Lanczos.
+            im.draft(None, (2 * settings.size, 2 * settings.size))
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        x, face = _crop_and_resize(im, settings)
+    except Exception as exc:  # noqa: BLE001 - truncated data, bad chunks, odd modes: the file is at fault
+        return Decoded(reason=CORRUPT, detail=f"{type(exc).__name__}: {exc}")
+    return Decoded(pixels=x, phash=perceptual_hash(x), face=face)
+
+
+def load_image(path: Path, size: int, channels: int, min_side: int = 1, crop: str = "center",
+               background: tuple = (255, 255, 255)) -> np.ndarray:
+    """Decode one file -> (S, S, C) uint8, raising ValueError with the reason when it cannot be used."""
+    out = decode_file(path, DecodeSettings(size, channels, crop, tuple(background), min_side))
+    if out.pixels is None:
+        raise ValueError(f"{out.reason}: {out.detail}")
+    return out.pixels
+
+
+def to_mode(im: Image.Image, channels: int, background: tuple = (255, 255, 255)) -> Image.Image:
+    """Any Pillow mode -> RGB (channels 3) or L (channels 1); transparency composited on `background`.
+
+    16-bit modes (I;16*) span 0..65535; I spans 0..255 unless a value exceeds 255 (then 0..65535); F spans
+    0..1 unless a value exceeds 1 (then like I). CMYK uses Pillow's conversion (no ICC profile).
+    """
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
         arr = np.asarray(im, dtype=np.float64)
-        hi = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        top = float(arr.max(initial=0.0))
+        hi = 65535.0 if im.mode.startswith("I;16") or top > 255 else 255.0
+        if im.mode == "F" and top <= 1.0:
+            hi = 1.0
         im = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if im.mode == "P" or im.mode == "LA" or "transparency" in im.info:
+    if im.mode in ("P", "PA", "LA", "La", "RGBa") or "transparency" in im.info:
         im = im.convert("RGBA")
     if im.mode == "RGBA":
-        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(background, im)
+        im = Image.alpha_composite(Image.new("RGBA", im.size, tuple(background) + (255,)), im)
     return im.convert("RGB" if channels == 3 else "L")
 
 
-def load_image(path: Path, size: int, channels: int, min_side: int = 1) -> np.ndarray:
-    """Decode one file: EXIF orientation, colour mode, centre square crop, Lanczos resize -> (S, S, C) uint8."""
-    with Image.open(path) as im:
-        im.seek(0)  # animated files: first frame
-        im.load()
-        im = ImageOps.exif_transpose(im)
-        w, h = im.size
-        if min(w, h) < min_side:
-            raise ValueError(f"too small ({w}x{h}, data.min_side is {min_side})")
-        im = _to_mode(im, channels)
-        side = min(w, h)
-        left, top = (w - side) // 2, (h - side) // 2
-        im = im.crop((left, top, left + side, top + side))
-        if side != size:
-            im = im.resize((size, size), Image.LANCZOS)
-        arr = np.asarray(im, dtype=np.uint8)
-    return arr.reshape(size, size, channels)
+def _crop_and_resize(im: Image.Image, settings: DecodeSettings) -> tuple[np.ndarray, str]:
+    """Colour mode, then the crop (center, face or pad) and a Lanczos resize -> ((S, S, C) uint8, face note)."""
+    im = to_mode(im, settings.channels, settings.background)
+    w, h = im.size
+    face = ""
+    if settings.crop == "none":
+        side = max(w, h)
+        square = Image.new("RGB", (side, side), tuple(settings.background)).convert(im.mode)
+        square.paste(im, ((side - w) // 2, (side - h) // 2))
+        im, box = square, (0, 0, side, side)
+    else:
+        centre = None
+        if settings.crop == "face":
+            centre, face = find_face(im)
+        box = square_box(w, h, centre)
+    size = settings.size
+    if box[2] - box[0] == size:
+        im = im.crop(box)
+    else:
+        im = im.resize((size, size), Image.LANCZOS, box=box, reducing_gap=3.0)
+    return np.asarray(im, dtype=np.uint8).reshape(size, size, settings.channels), face
 
 
-def load_folder(data_cfg, warn=None) -> tuple[np.ndarray, list[Skipped]]:
-    """All usable images under `data_cfg.dir` as (N, S, S, C) uint8, and the files skipped with reasons."""
-    warn = warn or (lambda msg: warnings.warn(msg, stacklevel=2))
-    files = find_images(Path(data_cfg.dir))
-    images, skipped = [], []
-    for path in files:
-        try:
-            images.append(load_image(path, data_cfg.image_size, data_cfg.channels, data_cfg.min_side))
-        except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
-            skipped.append(Skipped(path, f"not a readable image ({type(exc).__name__})"))
-        except (OSError, ValueError, SyntaxError, EOFError) as exc:
-            skipped.append(Skipped(path, str(exc) or type(exc).__name__))
-        else:
-            continue
-        warn(f"skipping {path}: {skipped[-1].reason}")
-    if not images:
-        raise DataError(f"data.dir: no usable image under {data_cfg.dir} ({len(files)} candidate files, "
-                        f"{len(skipped)} skipped; extensions searched: {', '.join(sorted(IMAGE_SUFFIXES))})")
-    return np.stack(images), skipped
+def square_box(w: int, h: int, centre: tuple[float, float] | None = None) -> tuple[int, int, int, int]:
+    """The largest square inside a w x h image, centred on `centre` (default: the middle) but kept inside."""
+    side = min(w, h)
+    cx, cy = centre if centre is not None else (w / 2, h / 2)
+    left = math.floor(min(max(cx - side / 2, 0), w - side))
+    top = math.floor(min(max(cy - side / 2, 0), h - side))
+    return left, top, left + side, top + side
 
 
-def make_dataset(images: np.ndarray, batch_size: int, seed: int, start_epoch: int = 0, flip: bool = True,
-                 skip: int = 0):
+@functools.lru_cache(maxsize=1)
+def _face_detector():
+    """OpenCV's bundled frontal-face Haar cascade, loaded once per process; None without OpenCV."""
+    try:
+        import cv2
+    except ImportError:
+        return None
+    if not hasattr(cv2, "CascadeClassifier"):  # OpenCV 5 moved the Haar cascades out of the main package
+        return None
+    return cv2.CascadeClassifier(str(Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"))
+
+
+def find_face(im: Image.Image) -> tuple[tuple[float, float] | None, str]:
+    """Centre of the largest face in `im` and 'found', or (None, 'none' | 'no-opencv')."""
+    detector = _face_detector()
+    if detector is None:
+        return None, "no-opencv"
+    gray = im.convert("L")
+    scale = min(1.0, 512 / max(gray.size))  # detection on at most 512 px: faces in training crops are big
+    if scale < 1.0:
+        gray = gray.resize((max(1, round(gray.width * scale)), max(1, round(gray.height * scale))), Image.BILINEAR)
+    faces = detector.detectMultiScale(np.asarray(gray), scaleFactor=1.1, minNeighbors=5, minSize=(24, 24))
+    if len(faces) == 0:
+        return None, "none"
+    x, y, fw, fh = max((tuple(int(v) for v in f) for f in faces), key=lambda f: f[2] * f[3])
+    return ((x + fw / 2) / scale, (y + fh / 2) / scale), "found"
+
+
+def _dct_matrix(n: int) -> np.ndarray:
+    """The orthonormal DCT-II basis: row k is cos(pi (2i + 1) k / 2n), scaled."""
+    k, i = np.mgrid[0:n, 0:n]
+    m = np.cos(np.pi * (2 * i + 1) * k / (2 * n)) * np.sqrt(2.0 / n)
+    m[0] /= np.sqrt(2.0)
+    return m
+
+
+_DCT32 = _dct_matrix(32)
+
+
+def perceptual_hash(x: np.ndarray) -> int:
+    """64-bit pHash (Zauner 2010, as in the imagehash package): which of the 8x8 lowest DCT frequencies of a
+    32x32 grey thumbnail are above their median. Unlike dHash it tells a smooth ramp from a flat image."""
+    gray = Image.fromarray(x[..., 0] if x.shape[-1] == 1 else x).convert("L").resize((32, 32), Image.BOX)
+    freq = (_DCT32 @ np.asarray(gray, np.float64) @ _DCT32.T)[:8, :8]
+    bits = (freq > np.median(freq)).ravel()
+    return int(sum(1 << i for i, b in enumerate(bits) if b))
+
+
+def make_dataset(images, batch_size: int, seed: int, start_epoch: int = 0, flip: bool = True, skip: int = 0):
     """Infinite tf.data pipeline of float32 batches in [-1, 1], one epoch after another.
 
-    Each epoch is a fresh permutation of all images (shuffled before batching, so every image is seen
-    every epoch) drawn from the stateless seed (seed, epoch), and each image's flip from
-    (seed, epoch, index): the data order is a pure function of (seed, epoch), so a resumed run
-    continues it exactly; `skip` drops the first batches of `start_epoch` (a resume mid-epoch).
+    `images` is an (N, S, S, C) uint8 array (held in the graph) or a cache.ShardedImages (memory-mapped
+    shards, read a batch at a time): the batches are identical either way. Each epoch is a fresh
+    permutation of all images drawn from the stateless seed (seed, epoch), so every image is seen once
+    per epoch, and each image's flip is drawn from (seed + 1, epoch) at its index: the data order is a
+    pure function of (seed, epoch), and a resumed run continues it exactly. `skip` drops the first
+    batches of `start_epoch` (a resume mid-epoch).
     """
     from .compat import tf
 
     n = len(images)
-    table = tf.constant(images)  # (N, S, S, C) uint8
+    shape = tuple(int(d) for d in images.shape[1:])
+    if isinstance(images, np.ndarray):
+        table = tf.constant(images)  # (N, S, S, C) uint8
+
+        def gather(index):
+            return tf.gather(table, index)
+    else:
+        def gather(index):
+            x = tf.numpy_function(images.take, [index], tf.uint8, stateful=False)
+            return tf.ensure_shape(x, (None,) + shape)
 
     def epoch_batches(epoch):
-        order = tf.argsort(tf.random.stateless_uniform([n], seed=tf.stack([seed, tf.cast(epoch, tf.int32)])))
+        epoch_seed = tf.cast(epoch, tf.int32)
+        order = tf.argsort(tf.random.stateless_uniform([n], seed=tf.stack([seed, epoch_seed])))
+        flips = tf.random.stateless_uniform([n], seed=tf.stack([seed + 1, epoch_seed])) < 0.5
 
-        def load(index):
-            x = tf.gather(table, index)
+        def load(index):  # (B,) int32 -> (B, S, S, C) float32
+            x = gather(index)
             if flip:
-                flip_seed = tf.stack([seed + 1, tf.cast(epoch, tf.int32) * n + index])
-                x = tf.image.stateless_random_flip_left_right(x, flip_seed)
+                x = tf.where(tf.gather(flips, index)[:, None, None, None], tf.reverse(x, axis=[2]), x)
             return tf.cast(x, tf.float32) / 127.5 - 1.0
 
-        return tf.data.Dataset.from_tensor_slices(order).map(load).batch(batch_size)
+        return tf.data.Dataset.from_tensor_slices(order).batch(batch_size).map(load)
 
     ds = tf.data.Dataset.range(start_epoch, 2**31 - 1).flat_map(epoch_batches).skip(skip)
     return ds.prefetch(tf.data.AUTOTUNE)

@@ -170,23 +170,22 @@ def load_features(spec=None, *, batch_size: int = 32) -> KerasFeatures:
 
 def load_image_folder(path: Path, size: int, channels: int, warn=None) -> np.ndarray:
     """Every usable image under a folder as (N, size, size, channels) uint8 (centre-cropped, resized)."""
-    from PIL import Image
-
-    from .data import DataError, find_images, load_image
+    from .data import DecodeSettings, decode_file
+    from .prepare import scan
 
     warn = warn or (lambda msg: warnings.warn(msg, stacklevel=2))
-    try:
-        files = find_images(Path(path))
-    except DataError:
-        raise EvalError(f"{path}: not a folder (expected a folder of images to evaluate)") from None
-    images = []
-    for file in files:
-        try:
-            images.append(load_image(file, size, channels))
-        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
-            warn(f"skipping {file}: {str(exc) or type(exc).__name__}")
+    if not Path(path).is_dir():
+        raise EvalError(f"{path}: not a folder (expected a folder of images to evaluate)")
+    settings = DecodeSettings(size, channels)
+    images, records = [], scan(Path(path))
+    for record in records:
+        result = decode_file(record.path, settings) if record.reason is None else None
+        if result is not None and result.reason is None:
+            images.append(result.pixels)
+        elif result is not None:
+            warn(f"skipping {record.path}: {result.reason} {result.detail}".rstrip())
     if not images:
-        raise EvalError(f"{path}: no readable image among {len(files)} candidate files")
+        raise EvalError(f"{path}: no readable image among {len(records)} files")
     return np.stack(images)
 
 

@@ -26,11 +26,13 @@ from .sample import _build_sampler, _run_batches, load_run
 
 
 def training_images(cfg, echo=print) -> np.ndarray:
-    """The run's training set as (N, S, S, C) uint8, exactly as training reads it."""
-    from .data import load_folder
+    """The run's training set as (N, S, S, C) uint8, exactly as training reads it (from its data cache,
+    which is brought up to date first, as `ddpm train` does)."""
+    from .prepare import prepare
 
-    images, _ = load_folder(cfg.data, warn=lambda msg: None)
-    echo(f"reference: {len(images)} training images from {cfg.data.dir}")
+    prepared = prepare(cfg.data, echo=lambda msg: None, only_changes=True)
+    images = prepared.images(memory_mb=float("inf"))  # the features need every image in memory
+    echo(f"reference: {len(images)} training images from {cfg.data.dir} (cache {prepared.cache_dir})")
     return images
 
 

@@ -189,12 +189,15 @@ def img2img(run_dir: Path | None, image: Path, *, strength: float = 0.5, seed: i
             echo=print) -> Path:
     """SDEdit (Meng et al. 2021): noise an image to the timestep matching `strength` (0: unchanged, 1: pure
     noise) and denoise it with DDIM. Writes the input and the result side by side. Returns its path."""
+    from PIL import ImageColor
+
     from .data import load_image
 
     run, cfg, net, step = load_run(run_dir, runs_root, checkpoint)
     size, channels = cfg.data.image_size, cfg.data.channels
     try:
-        source = load_image(Path(image), size, channels)
+        background = ImageColor.getrgb(cfg.data.background)[:3]
+        source = load_image(Path(image), size, channels, crop=cfg.data.crop, background=background)
     except (OSError, ValueError) as exc:
         raise RunError(f"{image}: cannot use this image ({exc})") from None
     smp = _build_sampler(net, cfg, name="ddim", steps=steps or cfg.sample.steps or None)

@@ -23,9 +23,10 @@ from .callbacks import (
 )
 from .compat import tf
 from .config import ConfigError, to_dict
-from .data import load_folder, make_dataset
+from .data import make_dataset
 from .diffusion import build_diffusion_model
 from .images import atomic_write_bytes
+from .prepare import prepare
 from .runs import RunDir, RunError, RunLock, remove_partial_files
 from .sample import sampler_from_config
 
@@ -113,9 +114,12 @@ def _train_locked(cfg, run: RunDir, restart, echo, progress_factory, log) -> Run
         _reset_run(run)
 
     # --- data --------------------------------------------------------------------------------------
-    images, skipped = load_folder(cfg.data, warn=log)
+    # The prepare step of `ddpm prepare`: cheap when the cache is fresh (nothing is decoded again).
+    prepared = prepare(cfg.data, echo=echo, only_changes=True)
+    images = prepared.images(cfg.data.memory_mb)
     state = RunState(len(images), cfg.train.batch_size, cfg.train.precision)
-    echo(f"data: {len(images)} images from {cfg.data.dir} ({len(skipped)} skipped), "
+    echo(f"data: {len(images)} images from {cfg.data.dir} ({len(prepared.files) - len(images)} skipped, "
+         f"{'memory-mapped' if not isinstance(images, np.ndarray) else 'in memory'}), "
          f"{state.steps_per_epoch} steps per epoch at batch {cfg.train.batch_size}")
 
     # --- networks, optimizer, checkpoint ----------------------------------------------------------
@@ -162,8 +166,9 @@ def _train_locked(cfg, run: RunDir, restart, echo, progress_factory, log) -> Run
     if cfg.train.eval_every:
         from .quality import TrainingEval
 
-        callbacks.append(Evaluate(state, TrainingEval(run, cfg, ema_net, images, writer, log), cfg.train.eval_every,
-                                  echo))
+        in_memory = images if isinstance(images, np.ndarray) else images.load()  # the features need every image
+        callbacks.append(Evaluate(state, TrainingEval(run, cfg, ema_net, in_memory, writer, log),
+                                  cfg.train.eval_every, echo))
 
     # --- fit: a partial epoch first when resuming mid-epoch, then whole epochs ---------------------
     try:

@@ -37,10 +37,11 @@ def write_images(folder: Path, count: int, size=(24, 20), seed: int = 0) -> list
 
 
 def write_config(path: Path, overrides: dict) -> Path:
-    """TINY merged with `overrides` ({section: {key: value}}), written as YAML."""
+    """TINY merged with `overrides` ({section: {key: value}}), written as YAML; the data cache beside it."""
     body = {section: dict(values) for section, values in TINY.items()}
     for section, values in overrides.items():
         body.setdefault(section, {}).update(values)
+    body["data"].setdefault("cache", str(path.parent / "data-cache"))  # not data/cache under the repository
     path.write_text(yaml.safe_dump(body), encoding="utf-8")
     return path
 

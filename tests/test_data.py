@@ -1,58 +1,15 @@
-"""Decoding a real-world folder: odd modes, EXIF rotation, non-ASCII names, bad files skipped, sources untouched."""
+"""Decoding one real-world file, and the tf.data pipeline over the prepared cache (in memory or memory-mapped)."""
 
 from __future__ import annotations
-
-import hashlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from ddpm_tf.cache import ShardedImages
 from ddpm_tf.config import DataConfig
-from ddpm_tf.data import DataError, find_images, load_folder, load_image
-
-
-def tree_hash(root):
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        h.update(str(p.relative_to(root)).encode("utf-8"))
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
-
-
-@pytest.fixture
-def messy(tmp_path):
-    root = tmp_path / "src"
-    (root / "人像" / "deeper").mkdir(parents=True)
-    Image.new("RGB", (40, 30), (255, 0, 0)).save(root / "人像" / "红色.JPG")
-    Image.new("RGBA", (20, 20), (0, 0, 255, 0)).save(root / "transparent.png")  # fully transparent -> white
-    Image.fromarray(np.full((20, 20), 65535, np.uint16)).save(root / "deeper16.png")  # 16-bit white
-    Image.new("P", (20, 20), 3).save(root / "人像" / "deeper" / "palette.gif")
-    (root / "notes.jpg").write_text("this is not an image", encoding="utf-8")
-    (root / "empty.png").write_bytes(b"")
-    Image.new("RGB", (8, 8)).save(root / "tiny.png")
-    (root / "readme.txt").write_text("ignored: not an image extension", encoding="utf-8")
-    return root
-
-
-def test_messy_folder(messy):
-    before = tree_hash(messy)
-    warnings = []
-    images, skipped = load_folder(DataConfig(dir=str(messy), image_size=16, channels=3, min_side=10),
-                                  warn=warnings.append)
-    assert tree_hash(messy) == before  # sources are only read
-    assert images.shape == (4, 16, 16, 3) and images.dtype == np.uint8
-    reasons = {s.path.name: s.reason for s in skipped}
-    assert set(reasons) == {"notes.jpg", "empty.png", "tiny.png"}
-    assert "too small" in reasons["tiny.png"]
-    assert any("notes.jpg" in w for w in warnings)
-    names = [p.name for p in find_images(messy)]
-    assert "红色.JPG" in names and "readme.txt" not in names
-    by_name = dict(zip([p.name for p in find_images(messy) if p.name not in reasons], images))
-    assert np.abs(by_name["红色.JPG"].astype(int) - [255, 0, 0]).max() <= 3  # JPEG is lossy
-    assert (by_name["transparent.png"] == 255).all()
-    assert (by_name["deeper16.png"] == 255).all()
+from ddpm_tf.data import DataError, load_image, make_dataset, to_mode
+from ddpm_tf.prepare import prepare
 
 
 def test_exif_rotation_and_centre_crop(tmp_path):
@@ -74,9 +31,67 @@ def test_grayscale_channels(tmp_path):
     assert load_image(path, 8, 1).shape == (8, 8, 1)
 
 
+@pytest.mark.parametrize("mode, value, expected", [
+    ("L", 77, 77), ("I;16", 65535, 255), ("I", 1000, round(1000 / 65535 * 255)), ("F", 0.5, 128), ("F", 300.0, 1),
+    ("1", 1, 255),
+])
+def test_modes_to_8_bit(mode, value, expected):
+    im = Image.new(mode, (4, 4), value)
+    assert np.asarray(to_mode(im, 1)).ravel().tolist() == [expected] * 16
+
+
+def test_jpeg_draft_mode_stays_close_to_a_full_decode(tmp_path):
+    yy, xx = np.mgrid[0:512, 0:512]
+    arr = np.stack([xx // 2, yy // 2, (xx + yy) // 4], axis=-1).astype(np.uint8)
+    path = tmp_path / "big.jpg"
+    Image.fromarray(arr).save(path, quality=95)
+    from ddpm_tf.data import DecodeSettings, decode_file
+
+    fast = decode_file(path, DecodeSettings(32, 3, draft=True)).pixels.astype(int)
+    full = decode_file(path, DecodeSettings(32, 3, draft=False)).pixels.astype(int)
+    assert np.abs(fast - full).mean() < 2
+
+
 def test_missing_or_empty_folder(tmp_path):
     with pytest.raises(DataError, match="not a folder"):
-        load_folder(DataConfig(dir=str(tmp_path / "missing")))
+        prepare(DataConfig(dir=str(tmp_path / "missing"), cache=str(tmp_path / "c")), echo=lambda s: None)
     (tmp_path / "e").mkdir()
     with pytest.raises(DataError, match="no usable image"):
-        load_folder(DataConfig(dir=str(tmp_path / "e")))
+        prepare(DataConfig(dir=str(tmp_path / "e"), cache=str(tmp_path / "c")), echo=lambda s: None)
+
+
+def _batches(ds, steps):
+    return [b.numpy() for b in ds.take(steps)]
+
+
+def test_memory_mapped_shards_give_the_same_batches(tmp_path, monkeypatch):
+    from ddpm_tf import cache
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (23, 4, 4, 3), dtype=np.uint8)
+    per = 5  # several shards, the last one short
+    paths = []
+    for k, start in enumerate(range(0, len(images), per)):
+        paths.append(tmp_path / f"s{k}.npy")
+        np.save(paths[-1], images[start:start + per])
+    mapped = ShardedImages(paths, per, len(images), images.shape[1:])
+    assert np.array_equal(mapped.take([22, 0, 7, 7]), images[[22, 0, 7, 7]])
+    for start_epoch, skip in ((0, 0), (2, 3)):
+        a = _batches(make_dataset(images, 4, seed=3, start_epoch=start_epoch, skip=skip), 14)
+        b = _batches(make_dataset(mapped, 4, seed=3, start_epoch=start_epoch, skip=skip), 14)
+        assert all(np.array_equal(x, y) for x, y in zip(a, b)) and len(a) == len(b) == 14
+
+    # The prepared cache chooses: in memory up to data.memory_mb, memory-mapped shards above it.
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((40, 40)).save(src / f"{i}.png")
+    monkeypatch.setattr(cache, "SHARD_BYTES", 2 * 16 * 16 * 3)  # 2 images per shard
+    prepared = prepare(DataConfig(dir=str(src), image_size=16, cache=str(tmp_path / "c"), workers=1,
+                                  near_duplicate_threshold=-1), echo=lambda s: None)
+    in_memory, on_disk = prepared.images(memory_mb=1), prepared.images(memory_mb=0)
+    assert isinstance(in_memory, np.ndarray) and isinstance(on_disk, ShardedImages)
+    assert len(list((tmp_path / "c").glob("images-*.npy"))) == 3
+    a = _batches(make_dataset(in_memory, 4, seed=1), 6)
+    b = _batches(make_dataset(on_disk, 4, seed=1), 6)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))

@@ -1,0 +1,376 @@
+"""`ddpm prepare`: any folder of images -> a checked, cached, reported training set.
+
+Every file under the source folder ends in exactly one row of the manifest: used (with its index in
+the training set) or skipped with a reason. The steps, in order:
+
+1. scan: walk the folder (following folder links, but never into a folder that is its own ancestor),
+   in sorted path order; links that loop or dangle and non-regular files are skipped here;
+2. hash: sha256 of each candidate's bytes (reused from the cache when size, mtime and path are unchanged);
+3. decode: each distinct content not already in the cache, in parallel processes (data.decode_file);
+4. deduplicate: the first file of each content in path order is kept, later ones are exact duplicates;
+   then near duplicates by perceptual hash (data.near_duplicate_threshold bits of 64);
+5. write: shards, cache.json and manifest.json into the cache folder (cache.py), never under the source.
+
+The decoded results are keyed by content hash and decode settings, so an unchanged folder decodes
+nothing and ten new images decode ten. No TensorFlow here.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import stat
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from itertools import repeat
+from pathlib import Path
+
+import numpy as np
+
+from . import cache as cache_mod
+from .data import IMAGE_SUFFIXES, NOT_AN_IMAGE, UNREADABLE, DataError, Decoded, DecodeSettings, decode_file
+
+DUPLICATE = "duplicate"
+NEAR_DUPLICATE = "near-duplicate"
+SYMLINK_LOOP = "symlink-loop"
+BROKEN_LINK = "broken-link"
+NOT_A_FILE = "not-a-regular-file"
+SERIAL_BELOW = 24  # fewer decodes than this run in this process: starting workers costs ~0.5 s each
+MEAN_TOLERANCE = 12.0  # near duplicates also agree in mean colour: flat images hash alike
+
+
+@dataclass
+class FileRecord:
+    """One file under the source folder and what happened to it."""
+
+    path: str  # relative to the source, with / separators
+    full: Path
+    size: int = -1
+    mtime_ns: int = 0
+    sha256: str | None = None
+    reason: str | None = None  # None: used
+    detail: str = ""
+    index: int | None = None
+    duplicate_of: str | None = None
+
+
+@dataclass
+class Prepared:
+    """The result of `prepare`: where the cache is, and what was done."""
+
+    cache_dir: Path
+    manifest: Path
+    files: list[FileRecord]
+    settings: DecodeSettings
+    decoded: int = 0  # decode_file calls in this run (0 for an unchanged folder)
+    reused: int = 0  # contents whose result came from the cache
+    rebuilt: str | None = None  # why an existing cache was not trusted
+    faces: Counter = field(default_factory=Counter)
+
+    @property
+    def count(self) -> int:
+        return sum(1 for r in self.files if r.reason is None)
+
+    def reasons(self) -> Counter:
+        return Counter(r.reason or "used" for r in self.files)
+
+    def images(self, memory_mb: float = 1024):
+        """The training set: an in-memory array up to `memory_mb`, else memory-mapped shards."""
+        cache, why = cache_mod.load_cache(self.cache_dir, self.settings, verify=False)  # prepare checked it
+        if cache is None:
+            raise DataError(f"{self.cache_dir}: the cache changed while in use ({why}); run ddpm prepare again")
+        reader = cache.images()
+        return reader.load() if reader.nbytes <= memory_mb * 2**20 else reader
+
+
+def settings_from_config(data_cfg, draft: bool = True) -> DecodeSettings:
+    """The decode settings of a config's data section (`draft` off only to measure what it saves)."""
+    from PIL import ImageColor
+
+    return DecodeSettings(size=data_cfg.image_size, channels=data_cfg.channels, crop=data_cfg.crop,
+                          background=tuple(ImageColor.getrgb(data_cfg.background)[:3]), min_side=data_cfg.min_side,
+                          max_pixels=data_cfg.max_pixels, draft=draft)
+
+
+def cache_dir_for(src: Path, data_cfg, settings: DecodeSettings) -> Path:
+    """data.cache, or for 'auto' data/cache/NAME-KEY with KEY from the source's absolute path and the settings."""
+    if data_cfg.cache != "auto":
+        return Path(data_cfg.cache)
+    key = json.dumps({"source": str(src.resolve()), "settings": cache_mod.settings_dict(settings),
+                      "version": cache_mod.VERSION}, sort_keys=True)
+    name = re.sub(r"[^\w.-]+", "_", src.resolve().name) or "root"
+    return Path("data") / "cache" / f"{name}-{hashlib.sha256(key.encode('utf-8')).hexdigest()[:12]}"
+
+
+def scan(root: Path) -> list[FileRecord]:
+    """Every entry under `root` that is not a folder, in sorted path order; loops, dangling links and
+    special files already carry their reason."""
+    records: list[FileRecord] = []
+
+    def walk(folder: Path, rel: str, ancestors: frozenset):
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            records.append(FileRecord(rel or ".", folder, reason=UNREADABLE, detail=f"folder: {exc.strerror}"))
+            return
+        for e in entries:
+            r, full = f"{rel}/{e.name}" if rel else e.name, folder / e.name
+            try:
+                st = os.stat(full)  # follows links
+            except OSError as exc:
+                loop = exc.errno == errno.ELOOP
+                reason = (SYMLINK_LOOP if loop else BROKEN_LINK) if e.is_symlink() else UNREADABLE
+                records.append(FileRecord(r, full, reason=reason, detail=exc.strerror or ""))
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                real = os.path.realpath(full)
+                if real in ancestors:
+                    records.append(FileRecord(r, full, reason=SYMLINK_LOOP,
+                                              detail=f"link to {os.readlink(full)}, a folder containing it"))
+                else:
+                    walk(full, r, ancestors | {real})
+            elif not stat.S_ISREG(st.st_mode):
+                records.append(FileRecord(r, full, reason=NOT_A_FILE, detail="a device, socket or pipe"))
+            else:
+                rec = FileRecord(r, full, size=st.st_size, mtime_ns=st.st_mtime_ns)
+                if full.suffix.lower() not in IMAGE_SUFFIXES:
+                    rec.reason, rec.detail = NOT_AN_IMAGE, f"extension {full.suffix or '(none)'!r} is not an image's"
+                records.append(rec)
+
+    walk(root, "", frozenset({os.path.realpath(root)}))
+    return records
+
+
+def _hash_files(records: list[FileRecord], old_files: dict) -> None:
+    """Fill in each candidate's sha256; reuse the cached one when size, mtime and path are unchanged."""
+    for rec in records:
+        if rec.reason is not None:
+            continue
+        old = old_files.get(rec.path)
+        if old and old["size"] == rec.size and old["mtime_ns"] == rec.mtime_ns:
+            rec.sha256 = old["sha256"]
+            continue
+        try:
+            rec.sha256 = cache_mod.file_sha256(rec.full)
+        except OSError as exc:
+            rec.reason, rec.detail = UNREADABLE, exc.strerror or type(exc).__name__
+
+
+def decode_all(jobs: list[tuple[str, Path]], settings: DecodeSettings, workers: int, progress=None):
+    """Yield (key, Decoded) for each (key, path) job, in parallel 'spawn' processes unless the batch is small.
+
+    'spawn' rather than 'fork': `ddpm train` calls this after importing TensorFlow, whose threads do not
+    survive a fork."""
+    workers = workers or os.cpu_count() or 1
+    if workers <= 1 or len(jobs) < SERIAL_BELOW:
+        for key, path in jobs:
+            yield key, decode_file(path, settings)
+            progress and progress.update(1)
+        return
+    chunk = max(1, min(32, len(jobs) // (workers * 8)))
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
+        results = pool.map(decode_file, [str(p) for _, p in jobs], repeat(settings), chunksize=chunk)
+        for (key, _), result in zip(jobs, results):
+            yield key, result
+            progress and progress.update(1)
+
+
+_POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], np.uint8)
+
+
+def near_duplicates(candidates: list[tuple[str, int, list]], threshold: int) -> dict[str, tuple[str, int]]:
+    """{path: (earlier kept path, bits apart)} for each candidate (path, 64-bit hash, mean colour), in order,
+    within `threshold` bits and MEAN_TOLERANCE of a kept one. Vectorised over the kept hashes."""
+    if threshold < 0 or not candidates:
+        return {}
+    kept_hash = np.zeros((len(candidates), 8), np.uint8)
+    kept_mean = np.zeros((len(candidates), len(candidates[0][2])), np.float64)
+    kept_path: list[str] = []
+    found = {}
+    for path, phash, mean in candidates:
+        k, h = len(kept_path), np.frombuffer(phash.to_bytes(8, "little"), np.uint8)
+        if k:
+            bits = _POPCOUNT8[kept_hash[:k] ^ h].sum(axis=1, dtype=np.int64)
+            close = (bits <= threshold) & (np.abs(kept_mean[:k] - mean).max(axis=1) <= MEAN_TOLERANCE)
+            if close.any():
+                i = int(np.argmax(close))
+                found[path] = (kept_path[i], int(bits[i]))
+                continue
+        kept_hash[k], kept_mean[k] = h, mean
+        kept_path.append(path)
+    return found
+
+
+def _entry(result: Decoded) -> dict:
+    """A decode result as stored in cache.json (the pixels go to the shards)."""
+    mean = [] if result.pixels is None else [float(m) for m in result.pixels.reshape(-1, result.pixels.shape[-1])
+                                             .mean(axis=0)]
+    return {"reason": result.reason, "detail": result.detail, "phash": f"{result.phash:016x}", "mean": mean,
+            "face": result.face, "row": None}
+
+
+def _classify(records: list[FileRecord], entries: dict, threshold: int) -> None:
+    """Reasons from decoding, then exact and near duplicates (the first in path order is kept), then indices."""
+    first_of: dict[str, str] = {}
+    for rec in records:
+        if rec.reason is not None:
+            continue
+        e = entries[rec.sha256]
+        if e["reason"]:
+            rec.reason, rec.detail = e["reason"], e["detail"]
+        elif rec.sha256 in first_of:
+            rec.reason, rec.duplicate_of = DUPLICATE, first_of[rec.sha256]
+            rec.detail = f"same bytes as {rec.duplicate_of}"
+        else:
+            first_of[rec.sha256] = rec.path
+    live = [rec for rec in records if rec.reason is None]
+    near = near_duplicates([(r.path, int(entries[r.sha256]["phash"], 16), entries[r.sha256]["mean"]) for r in live],
+                           threshold)
+    for rec in live:
+        if rec.path in near:
+            rec.duplicate_of, bits = near[rec.path]
+            rec.reason, rec.detail = NEAR_DUPLICATE, f"{bits} of 64 perceptual-hash bits from {rec.duplicate_of}"
+    for i, rec in enumerate(r for r in records if r.reason is None):
+        rec.index = i
+
+
+def _check_outside(out: Path, src: Path) -> None:
+    """The source folder is only ever read: refuse a cache inside it."""
+    o, s = out.resolve(), src.resolve()
+    if o == s or s in o.parents:
+        raise DataError(f"data.cache: {out} is inside the source folder {src}, which is never written to: "
+                        "expected a folder outside it (data.cache, or --out for ddpm prepare)")
+
+
+def prepare(data_cfg, *, echo=print, progress_factory=None, only_changes=False, draft=True) -> Prepared:
+    """Scan, hash, decode what is new, deduplicate and write the cache of `data_cfg.dir`; print a summary
+    (with `only_changes`, only when something was decoded or skipped)."""
+    src = Path(data_cfg.dir)
+    if not src.is_dir():
+        raise DataError(f"data.dir: {src} is not a folder (expected a folder of images)")
+    settings = settings_from_config(data_cfg, draft)
+    out = cache_dir_for(src, data_cfg, settings)
+    _check_outside(out, src)
+    old, why = cache_mod.load_cache(out, settings)
+    if why:
+        echo(f"cache {out}: not used because {why}; rebuilding it")
+    records = scan(src)
+    _hash_files(records, old.files if old else {})
+
+    # --- decode each content the cache does not know -----------------------------------------------
+    entries = dict(old.entries) if old else {}
+    first_path = {}
+    for rec in records:
+        if rec.reason is None:
+            first_path.setdefault(rec.sha256, rec.full)
+    todo = [(h, p) for h, p in first_path.items() if h not in entries]
+    result = Prepared(out, out / cache_mod.MANIFEST, records, settings, rebuilt=why,
+                      reused=len(first_path) - len(todo))
+    shape = (settings.size, settings.size, settings.channels)
+    staged = cache_mod.Staging(out, len(todo), shape)
+    bar = progress_factory(total=len(todo), desc="decode") if progress_factory and len(todo) >= SERIAL_BELOW else None
+    for h, decoded in decode_all(todo, settings, data_cfg.workers, bar):
+        entries[h] = _entry(decoded)
+        staged.put(h, decoded.pixels)
+    bar and bar.close()
+    result.decoded = len(todo)
+    _classify(records, entries, data_cfg.near_duplicate_threshold)
+    used = [rec.sha256 for rec in records if rec.reason is None]
+
+    # --- contents used now whose pixels were never kept (earlier near duplicates): decode them too ---
+    old_rows = {h: e["row"] for h, e in (old.entries.items() if old else ()) if e.get("row") is not None}
+    missing = [(h, first_path[h]) for h in used if h not in staged and h not in old_rows]
+    for h, decoded in decode_all(missing, settings, 1):
+        staged.put(h, decoded.pixels)
+    result.decoded += len(missing)
+    result.faces = Counter(entries[h]["face"] for h in used) if settings.crop == "face" else Counter()
+
+    manifest = _manifest(src, out, settings, records)
+    if not used:
+        out.mkdir(parents=True, exist_ok=True)
+        cache_mod.write_manifest_only(out, manifest)
+        staged.close()
+        echo(summary(result))
+        raise DataError(f"data.dir: no usable image under {src} ({len(records)} files; reasons above and in "
+                        f"{result.manifest})")
+    _write(out, old, used, old_rows, staged, entries, records, settings, manifest)
+    if not only_changes or result.decoded or result.count < len(records):
+        echo(summary(result))
+    return result
+
+
+def _write(out, old, used, old_rows, staged, entries, records, settings, manifest) -> None:
+    """New shards unless the training set is unchanged, then the index and the manifest (cache.commit)."""
+    shape = (settings.size, settings.size, settings.channels)
+    out.mkdir(parents=True, exist_ok=True)
+    if old is not None and old.used == used:
+        shards = old.index["shards"]
+    else:
+        reader = old.images() if old is not None else None
+
+        def rows_of(start, stop):
+            block = np.empty((stop - start,) + shape, np.uint8)
+            for j, h in enumerate(used[start:stop]):
+                block[j] = staged.get(h) if h in staged else reader.take([old_rows[h]])[0]
+            return block
+
+        shards = cache_mod.write_shards(out, len(used), shape, rows_of)
+        del reader
+    staged.close()
+    present = {rec.sha256 for rec in records if rec.sha256}
+    kept = {h: {**e, "row": None} for h, e in entries.items() if h in present}
+    for i, h in enumerate(used):
+        kept[h]["row"] = i
+    files = {rec.path: {"size": rec.size, "mtime_ns": rec.mtime_ns, "sha256": rec.sha256}
+             for rec in records if rec.sha256}
+    index = {"settings": cache_mod.settings_dict(settings), "source": manifest["source"], "shape": list(shape),
+             "count": len(used), "shards": shards, "entries": kept, "files": files}
+    if old is not None and {k: old.index.get(k) for k in index} == index:
+        return  # nothing changed: nothing written
+    cache_mod.commit(out, index, manifest)
+
+
+def _manifest(src: Path, out: Path, settings: DecodeSettings, records: list[FileRecord]) -> dict:
+    """The manifest: one row per file, and the counts per status."""
+    rows = [{"path": r.path, "sha256": r.sha256, "status": "used" if r.reason is None else "skipped",
+             "reason": r.reason, "detail": r.detail, "index": r.index, "duplicate_of": r.duplicate_of}
+            for r in records]
+    counts = Counter(r.reason or "used" for r in records)
+    return {"source": str(src.resolve()), "cache": str(out.resolve()), "settings": cache_mod.settings_dict(settings),
+            "counts": dict(sorted(counts.items())), "files": rows}
+
+
+REASON_ORDER = ("used", DUPLICATE, NEAR_DUPLICATE, "too-small", "not-an-image", "empty", "truncated-or-corrupt",
+                "decompression-bomb", UNREADABLE, SYMLINK_LOOP, BROKEN_LINK, NOT_A_FILE)
+FACE_NOTES = {"found": "centred on the largest face", "none": "with no face found, centre-cropped instead",
+              "no-opencv": "centre-cropped instead: OpenCV not installed (pip install ddpm_tf[face])"}
+
+
+def summary(result: Prepared, examples: int = 3, width: int = 110) -> str:
+    """Counts per reason with the first few files of each: one screen whatever the folder's size."""
+    s = result.settings
+    kind = {1: "grayscale", 3: "RGB"}[s.channels]
+    reasons = result.reasons()
+    lines = [f"prepared {len(result.files)} files -> {result.cache_dir}",
+             f"  {s.size}x{s.size} {kind}, crop {s.crop}: {reasons['used']} used, decoded {result.decoded} "
+             f"(and {result.reused} from the cache)"]
+    for reason in sorted(reasons, key=lambda r: (REASON_ORDER + (r,)).index(r)):
+        if reason == "used":
+            lines.append(f"  {'used':<22}{reasons[reason]:>6}")
+            continue
+        recs = [r for r in result.files if r.reason == reason]
+        shown = ", ".join(r.path + (f" ({r.detail})" if i == 0 and r.detail else "")
+                          for i, r in enumerate(recs[:examples]))
+        more = f" (+{len(recs) - examples} more)" if len(recs) > examples else ""
+        line = f"  {reason:<22}{len(recs):>6}  {shown}"
+        lines.append((line[:width - len(more) - 3] + "..." if len(line) + len(more) > width else line) + more)
+    for note, n in sorted(result.faces.items()):
+        lines.append(f"  face crop: {n} images {FACE_NOTES.get(note, note)}")
+    lines.append(f"  manifest: {result.manifest}")
+    return "\n".join(lines)
