@@ -179,11 +179,11 @@ def load_image_folder(path: Path, size: int, channels: int, warn=None) -> np.nda
     settings = DecodeSettings(size, channels)
     images, records = [], scan(Path(path))
     for record in records:
-        result = decode_file(record.path, settings) if record.reason is None else None
+        result = decode_file(record.full, settings) if record.reason is None else None
         if result is not None and result.reason is None:
             images.append(result.pixels)
         elif result is not None:
-            warn(f"skipping {record.path}: {result.reason} {result.detail}".rstrip())
+            warn(f"skipping {record.full}: {result.reason} {result.detail}".rstrip())
     if not images:
         raise EvalError(f"{path}: no readable image among {len(records)} files")
     return np.stack(images)
