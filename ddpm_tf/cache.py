@@ -30,7 +30,7 @@ import numpy as np
 from .images import atomic_write_bytes
 
 FORMAT = "ddpm_tf prepared images"
-VERSION = 1
+VERSION = 2  # 2: near-duplicate thumbnails replace mean colours in the entries
 INDEX = "cache.json"
 MANIFEST = "manifest.json"
 SHARD_BYTES = 64 * 2**20  # big enough for sequential reads, small enough to write in memory

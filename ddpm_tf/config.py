@@ -46,6 +46,8 @@ class DataConfig:
     max_pixels: int = _spec(100_000_000, lo=1, help="images with more pixels are skipped as decompression bombs")
     near_duplicate_threshold: int = _spec(6, lo=-1, hi=64,
                                           help="max bits of 64 (perceptual hash) apart for a near duplicate (-1: off)")
+    near_duplicate_rms: float = _spec(4.0, lo=0.0, hi=255.0,
+                                      help="...and max grey levels RMS apart on 16x16 thumbnails (copies are ~1)")
     workers: int = _spec(0, lo=0, hi=256, help="decoding processes (0: one per CPU core)")
     memory_mb: int = _spec(1024, lo=0, help="caches up to this size are loaded into memory, larger ones memory-mapped")
 

@@ -297,6 +297,35 @@ def test_near_duplicates_can_be_turned_off(corpus, tmp_path):
     assert {r.path: r.reason for r in result.files}["sub/near.jpg"] is None
 
 
+def test_similar_but_distinct_photos_are_kept(tmp_path):
+    # Like two ORL photos of one person: a few perceptual-hash bits apart, but a local change (an
+    # expression) far beyond what re-encoding does. Only the re-encoded copy is a near duplicate.
+    src = tmp_path / "src"
+    src.mkdir()
+    base = pattern(7, (64, 64))
+    Image.fromarray(base).save(src / "a.png")
+    Image.fromarray(base).save(src / "b_reencoded.jpg", quality=70)
+    changed = base.astype(int)
+    changed[44:56, 16:48] += 30  # a lighter lower face
+    changed = np.clip(changed, 0, 255).astype(np.uint8)
+    Image.fromarray(changed).save(src / "c_other_photo.png")
+    settings = data.DecodeSettings(SIZE, 3)
+    hashes = {n: data.decode_file(src / n, settings).phash for n in ("a.png", "b_reencoded.jpg", "c_other_photo.png")}
+    bits = {n: bin(h ^ hashes["a.png"]).count("1") for n, h in hashes.items()}
+    assert bits["c_other_photo.png"] <= 6 and bits["b_reencoded.jpg"] <= 6  # both are hash candidates
+    result = prepare.prepare(cfg_for(src, tmp_path / "c"), echo=lambda s: None)
+    reasons = {r.path: r.reason for r in result.files}
+    assert reasons == {"a.png": None, "b_reencoded.jpg": prepare.NEAR_DUPLICATE, "c_other_photo.png": None}
+
+
+def test_near_duplicate_rule_needs_close_hashes_and_close_thumbnails():
+    thumb = np.full(prepare.THUMB**2, 100, np.uint8)
+    off_by = lambda levels: (thumb.astype(int) + levels).astype(np.uint8)  # noqa: E731 - RMS = levels
+    found = prepare.near_duplicates([("a", 0b1011, thumb), ("b", 0b1011, off_by(2)), ("c", 0b1011, off_by(5)),
+                                     ("d", 0b1111011, off_by(1))], threshold=2, max_rms=4.0)
+    assert found == {"b": ("a", 0, 2.0)}  # c: 5 levels apart; d: 3 bits apart
+
+
 def test_clear_errors(tmp_path):
     def run(*args):
         return CliRunner().invoke(main, ["prepare", *map(str, args)], catch_exceptions=False)
