@@ -117,7 +117,8 @@ class EvalConfig:
     eta: float = _spec(1.0, lo=0.0, hi=1.0, help="its DDIM eta")
     seed: int = _spec(100000, lo=0, hi=2**31 - 1, help="first seed of the evaluated samples (fixed: comparable runs)")
     kid_subsets: int = _spec(100, lo=1, hi=10000, help="KID is averaged over this many random subsets")
-    kid_subset_size: int = _spec(1000, lo=2, hi=100000, help="images per KID subset (at most the set sizes)")
+    kid_subset_size: int = _spec(100, lo=2, hi=100000,
+                                 help="images per KID subset (at most the set sizes; below them, so the std means something)")
 
 
 @dataclass(frozen=True)
