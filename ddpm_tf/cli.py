@@ -237,11 +237,13 @@ Examples:
               help="Sample i uses seed + i. [default: eval.seed]")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=None,
               help="Images per sampler batch. [default: sample.batch_size]")
+@click.option("--set", "overrides", multiple=True, metavar="eval.KEY=VALUE",
+              help="Override a key of the run's eval section, e.g. --set eval.kid_subset_size=50 (repeatable).")
 @click.option("--memorization", is_flag=True,
               help="Also match every sample to its nearest training image (pixels and features, mirrors "
                    "included), report the share of near-copies and write the closest pairs as a PNG.")
 def eval_command(run_dir, runs_root, checkpoint, n, images, features, sampler, steps, eta, seed, batch_size,
-                 memorization):
+                 overrides, memorization):
     """Score a run: KID and FID of its samples against its training images, and optionally a memorisation
     report. Results are appended to RUN/eval.csv and TensorBoard; grids and pairs go to RUN/eval/."""
     _quiet_tensorflow()
@@ -249,7 +251,7 @@ def eval_command(run_dir, runs_root, checkpoint, n, images, features, sampler, s
 
     _user_errors(run_eval, run_dir, runs_root=runs_root, checkpoint=checkpoint, n=n, images=images,
                  features=features, sampler=sampler, steps=steps, eta=eta, seed=seed, batch_size=batch_size,
-                 memorization=memorization, echo=click.echo, progress_factory=_progress)
+                 overrides=list(overrides), memorization=memorization, echo=click.echo, progress_factory=_progress)
 
 
 @main.command(epilog="""\b

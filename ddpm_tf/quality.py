@@ -36,6 +36,17 @@ def training_images(cfg, echo=print) -> np.ndarray:
     return images
 
 
+def with_eval_overrides(cfg, overrides: list[str]):
+    """The run's config with `eval.key=value` overrides applied (other sections belong to the run)."""
+    from .config import ConfigError, from_dict, parse_override, to_dict
+
+    parsed = [parse_override(o) for o in overrides]
+    for key, _ in parsed:
+        if not key.startswith("eval."):
+            raise ConfigError(f"--set {key}: ddpm eval only overrides eval.* keys (the rest is the run's)")
+    return from_dict(to_dict(cfg), "the run's config.yaml", parsed) if parsed else cfg
+
+
 def generate(net, cfg, n: int, *, sampler=None, steps=None, eta=None, seed=None, batch_size=None,
              progress_factory=None, echo=print):
     """n uint8 images from `net` with the eval section's sampler (or the given one); returns (images, tag)."""
@@ -56,10 +67,14 @@ def generate(net, cfg, n: int, *, sampler=None, steps=None, eta=None, seed=None,
 
 def run_eval(run_dir: Path | None = None, *, runs_root: Path = Path("runs"), checkpoint: int | None = None,
              n: int | None = None, images: Path | None = None, features: str | None = None, sampler=None,
-             steps=None, eta=None, seed=None, batch_size=None, memorization: bool = False, echo=print,
-             progress_factory=None):
-    """Evaluate a run's samples (or a folder of images) against its training set; returns the EvalResult."""
+             steps=None, eta=None, seed=None, batch_size=None, overrides: list[str] = (),
+             memorization: bool = False, echo=print, progress_factory=None):
+    """Evaluate a run's samples (or a folder of images) against its training set; returns the EvalResult.
+
+    `overrides` ("eval.key=value") change the run's eval section for this evaluation only.
+    """
     run, cfg, net, step = load_run(run_dir, runs_root, checkpoint)
+    cfg = with_eval_overrides(cfg, overrides)
     extractor = load_features(features or cfg.eval.features)  # before sampling: a missing file fails fast
     size, channels = cfg.data.image_size, cfg.data.channels
     if images is not None:

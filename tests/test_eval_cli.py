@@ -55,12 +55,14 @@ def run_with_data(tmp_path):
 
 def test_eval_generates_scores_and_reports_memorization(run_with_data, features_file):
     run, train_images = run_with_data
-    result = invoke("eval", "--run", run, "--features", features_file, "--n", 8, "--steps", 4, "--memorization")
+    result = invoke("eval", "--run", run, "--features", features_file, "--n", 8, "--steps", 4, "--memorization",
+                    "--set", "eval.kid_subset_size=5")
     assert result.exit_code == 0, result.output
     assert "KID" in result.output and "near-copies of training images: 0 of 8" in result.output
     generated = rows(run / "eval.csv")[-1]
     assert generated["step"] == "3" and generated["source"] == "ddim-4-eta1" and generated["n"] == "8"
     assert generated["n_train"] == "12" and generated["features"] == "model:tiny-features.h5"
+    assert generated["kid_subset_size"] == "5" and float(generated["kid_std"]) > 0
     assert np.isfinite(float(generated["kid_mean"])) and float(generated["fid"]) > 0
     pairs = list((run / "eval").glob("closest-pairs-*.png"))
     assert len(pairs) == 1
@@ -79,6 +81,8 @@ def test_eval_generates_scores_and_reports_memorization(run_with_data, features_
 
 def test_eval_with_a_missing_features_file_names_it(run_with_data, tmp_path):
     run, _ = run_with_data
+    result = invoke("eval", "--run", run, "--set", "train.epochs=3")
+    assert result.exit_code == 2 and "only overrides eval.* keys" in result.output
     result = invoke("eval", "--run", run, "--features", tmp_path / "nowhere.h5", "--n", 4)
     assert result.exit_code == 1
     assert "nowhere.h5: no such file" in result.output and "Traceback" not in result.output
