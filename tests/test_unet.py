@@ -166,6 +166,22 @@ def test_upsample_is_nearest():
     assert np.array_equal(y, x.repeat(2, axis=1).repeat(2, axis=2))
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_upsample_gradient_sums_each_block(jit):
+    dy = np.random.default_rng(5).normal(size=(2, 6, 8, 3)).astype(np.float32)
+    upsample = Upsample2x()
+
+    @tf.function(jit_compile=jit)
+    def grad(x, dy):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = upsample(x)
+        return tape.gradient(y, x, output_gradients=dy)
+
+    dx = grad(tf.zeros([2, 3, 4, 3]), tf.constant(dy)).numpy()
+    np.testing.assert_allclose(dx, dy.reshape(2, 3, 2, 4, 2, 3).sum(axis=(2, 4)), rtol=1e-6, atol=1e-6)
+
+
 def test_self_attention_matches_numpy():
     rng = np.random.default_rng(1)
     heads, c = 2, 8
