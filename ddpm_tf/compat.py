@@ -33,8 +33,8 @@ def variable_key(variable) -> str:
 
 
 def handle(variable):
-    """The resource handle of a weight, for TensorFlow's fused raw update ops."""
-    return variable.value.handle if KERAS3 else variable.handle
+    """The resource handle of a weight (a Keras 3 variable or a tf.Variable), for TensorFlow's fused raw update ops."""
+    return variable.value.handle if KERAS3 and isinstance(variable, keras.Variable) else variable.handle
 
 
 if KERAS3:
@@ -47,7 +47,8 @@ if KERAS3:
         """
 
         def update_step(self, gradient, variable, learning_rate):
-            if self.amsgrad or str(variable.dtype) != "float32":
+            # The TF backend passes the tf.Variable inside each Keras variable: compare dtypes, not strings.
+            if self.amsgrad or tf.as_dtype(variable.dtype) != tf.float32:
                 return super().update_step(gradient, variable, learning_rate)
             index = self._get_variable_index(variable)
             step = tf.cast(self.iterations + 1, tf.float32)

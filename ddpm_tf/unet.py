@@ -23,8 +23,79 @@ def _init(scale: float = 1.0):
     return keras.initializers.VarianceScaling(scale, mode="fan_avg", distribution="uniform")
 
 
+def _float32(x):
+    """x as float32 through a real Cast op, even when x already is float32.
+
+    oneDNN's bfloat16 auto-mixed-precision pass (precision.py) runs the element-wise ops that follow a
+    convolution in bfloat16, whose CPU kernels are slow, with casts around them; it leaves the ops after
+    a Cast it did not insert alone, so group statistics and normalisation stay in float32.
+    """
+    return tf.raw_ops.Cast(x=x, DstT=tf.float32)
+
+
+def _group_mean(per_channel, groups: int, n):
+    """(B, C) per-channel sums -> (B, C): each channel gets the sum over its group divided by n."""
+    b, c = tf.shape(per_channel)[0], per_channel.shape[-1]
+    g = tf.reshape(per_channel, [b, groups, c // groups])
+    mean = tf.reduce_sum(g, axis=-1, keepdims=True) / n
+    return tf.reshape(tf.broadcast_to(mean, tf.shape(g)), [b, c])
+
+
+def _bcast(v):
+    """(B, C) -> (B, 1, 1, C), to broadcast over the image."""
+    return v[:, None, None, :]
+
+
+def group_norm(x, gamma, beta, groups: int, epsilon: float = 1e-5, swish: bool = False):
+    """Group normalisation of x (B, H, W, C) with float32 gamma, beta (C,), optionally fused with swish.
+
+    The gradient is written out (Wu & He 2018, Eq. 3 differentiated) instead of left to autodiff of
+    moments, reshapes and broadcasts: about half the element-wise passes over the activations.
+    Statistics are float32 whatever the dtype of x; y and dx have the dtype of x.
+    """
+
+    @tf.custom_gradient
+    def norm(x, gamma, beta):
+        xf = _float32(x)
+        shape = tf.shape(x)
+        n = tf.cast(shape[1] * shape[2] * (x.shape[-1] // groups), tf.float32)
+        # One pass for both moments: var = E[x^2] - E[x]^2 per group (float32 sums).
+        mean = _group_mean(tf.reduce_sum(xf, [1, 2]), groups, n)  # (B, C)
+        mean_sq = _group_mean(tf.reduce_sum(tf.square(xf), [1, 2]), groups, n)
+        rstd = tf.math.rsqrt(tf.maximum(mean_sq - tf.square(mean), 0.0) + epsilon)
+        scale = rstd * gamma  # normalisation and affine transform folded: z = x * scale + offset
+        z = xf * _bcast(scale) + _bcast(beta - mean * scale)
+        sig = tf.sigmoid(z) if swish else None
+        y = z * sig if swish else z
+
+        def grad(dy):
+            dz = _float32(dy)
+            if swish:  # d/dz z*sig(z) = sig + z*sig*(1 - sig) = sig + y*(1 - sig)
+                dz = dz * (sig + y * (1.0 - sig))
+            dx, dgamma, dbeta = _group_norm_grad(dz, xf, gamma, mean, rstd, groups, n)
+            return tf.cast(dx, x.dtype), dgamma, dbeta
+
+        return tf.cast(y, x.dtype), grad
+
+    return norm(x, gamma, beta)
+
+
+def _group_norm_grad(dz, xf, gamma, mean, rstd, groups: int, n):
+    """Gradients of z = xhat * gamma + beta, xhat = (x - mean) * rstd per group, given dz = dL/dz."""
+    sum_dz = tf.reduce_sum(dz, [1, 2])  # (B, C)
+    sum_dz_xhat = rstd * (tf.reduce_sum(dz * xf, [1, 2]) - mean * sum_dz)
+    # dx = rstd * (dxhat - mean_g(dxhat) - xhat * mean_g(dxhat * xhat)) with dxhat = dz * gamma,
+    # regrouped as dz * (rstd * gamma) + xf * q + r so only three products touch the activations.
+    m1 = _group_mean(sum_dz * gamma, groups, n)
+    m2 = _group_mean(sum_dz_xhat * gamma, groups, n)
+    q = -rstd * rstd * m2
+    r = rstd * (mean * rstd * m2 - m1)
+    dx = dz * _bcast(rstd * gamma) + (xf * _bcast(q) + _bcast(r))
+    return dx, tf.reduce_sum(sum_dz_xhat, 0), tf.reduce_sum(sum_dz, 0)
+
+
 class GroupNorm(layers.Layer):
-    """Group normalisation (Wu & He 2018), optionally fused with swish.
+    """Group normalisation (Wu & He 2018), optionally fused with swish: a Keras layer around `group_norm`.
 
     Written here rather than taken from Keras because TF 2.10 has no GroupNormalization layer; one
     implementation keeps both TensorFlow lines numerically identical. Statistics are computed in
@@ -44,21 +115,9 @@ class GroupNorm(layers.Layer):
         super().build(input_shape)
 
     def call(self, x):
-        dtype = x.dtype
-        channels = x.shape[-1]
-        per_group = channels // self.groups
-        shape = tf.shape(x)
-        g = tf.reshape(tf.cast(x, tf.float32), [shape[0], shape[1], shape[2], self.groups, per_group])
-        mean, var = tf.nn.moments(g, axes=[1, 2, 4], keepdims=True)  # (B, 1, 1, G, 1)
-        # Fold the normalisation and the affine transform into one per-(image, channel) scale and
-        # offset: two passes over the activations instead of four.
-        scale = tf.math.rsqrt(var + self.epsilon) * tf.reshape(tf.cast(self.gamma, tf.float32),
-                                                                [1, 1, 1, self.groups, per_group])
-        offset = tf.reshape(tf.cast(self.beta, tf.float32), [1, 1, 1, self.groups, per_group]) - mean * scale
-        y = tf.reshape(g * scale + offset, shape)
-        if self.swish:
-            y = tf.nn.silu(y)
-        return tf.cast(y, dtype)
+        # Weights enter as float32 tensors, not variables: custom_gradient then needs no `variables`.
+        gamma, beta = tf.cast(self.gamma, tf.float32), tf.cast(self.beta, tf.float32)
+        return group_norm(x, gamma, beta, self.groups, self.epsilon, self.swish)
 
     def get_config(self):
         return {**super().get_config(), "groups": self.groups, "swish": self.swish, "epsilon": self.epsilon}
@@ -118,20 +177,32 @@ class SelfAttention(layers.Layer):
         return {**super().get_config(), "heads": self.heads}
 
 
-class Upsample2x(layers.Layer):
-    """Nearest-neighbour 2x upsampling by reshape and broadcast.
+@tf.custom_gradient
+def upsample2x(x):
+    """Nearest-neighbour 2x upsampling of x (B, H, W, C) by reshape and broadcast."""
+    shape = tf.shape(x)
+    b, h, w = shape[0], shape[1], shape[2]
+    c = x.shape[-1]
+    y = tf.broadcast_to(tf.reshape(x, [b, h, 1, w, 1, c]), [b, h, 2, w, 2, c])
 
-    Unlike UpSampling2D its gradient is a plain reduction, which XLA compiles on every device
+    def grad(dy):
+        # Each input pixel feeds one 2x2 block, so its gradient is the block's sum. As 4 x a 2x2 average
+        # pool (exact: powers of two) it is one oneDNN kernel; autodiff's sum over axes 2 and 4 of a
+        # 6-D tensor is about ten times slower on the CPU.
+        return tf.nn.avg_pool2d(dy, 2, 2, "VALID") * tf.constant(4.0, dy.dtype)
+
+    return tf.reshape(y, [b, h * 2, w * 2, c]), grad
+
+
+class Upsample2x(layers.Layer):
+    """Nearest-neighbour 2x upsampling: a Keras layer around `upsample2x`.
+
+    Unlike UpSampling2D its gradient is an average pool, which XLA compiles on every device
     (TF 2.10's XLA refuses ResizeNearestNeighborGrad on the CPU).
     """
 
     def call(self, x):
-        shape = tf.shape(x)
-        b, h, w = shape[0], shape[1], shape[2]
-        c = x.shape[-1]
-        x = tf.reshape(x, [b, h, 1, w, 1, c])
-        x = tf.broadcast_to(x, [b, h, 2, w, 2, c])
-        return tf.reshape(x, [b, h * 2, w * 2, c])
+        return upsample2x(x)
 
 
 def _res_block(x, temb_act, width: int, cfg, name: str):

@@ -140,6 +140,24 @@ def test_adam_matches_its_closed_form():
     assert np.allclose(var.numpy(), w, atol=1e-6)
 
 
+def test_adam_updates_each_weight_with_one_fused_kernel():
+    from ddpm_tf import compat
+
+    opt = compat.adam(1e-2)
+    var = tf.Variable([0.5, -1.0, 2.0])
+    compat.build_optimizer(opt, [var])
+
+    @tf.function
+    def step(g):
+        opt.apply_gradients([(g, var)])
+
+    graph = step.get_concrete_function(tf.TensorSpec([3], tf.float32)).graph
+    ops = {op.type for op in graph.get_operations()}
+    ops |= {node.op for f in graph.as_graph_def().library.function for node in f.node_def}
+    assert "ResourceApplyAdam" in ops
+    assert "Square" not in ops  # the unfused update squares the gradient
+
+
 @pytest.mark.parametrize("prediction, schedule, weighting", [
     ("v", "linear", "none"), ("x0", "linear", "min_snr"), ("eps", "cosine", "min_snr"), ("v", "cosine", "min_snr"),
 ])
