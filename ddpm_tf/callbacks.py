@@ -40,6 +40,14 @@ class RunState:
     def position(self) -> tuple[int, int]:
         return int(self.epoch.numpy()), int(self.batch.numpy())
 
+    def due(self, epoch: int, every: int) -> int | None:
+        """The completed epoch count when periodic work every `every` epochs is due at the end of Keras
+        epoch `epoch`, else None: not on a partial (interrupted) epoch, not after a non-finite loss."""
+        completed = int(self.epoch.numpy())
+        if not every or completed != epoch + 1 or completed % every or self.nonfinite_step is not None:
+            return None
+        return completed
+
     def images_in_next_batch(self) -> int:
         done = int(self.batch.numpy()) * self.batch_size
         return min(self.batch_size, self.num_images - done)
@@ -187,8 +195,7 @@ class Checkpointer(keras.callbacks.Callback):
         return step
 
     def on_epoch_end(self, epoch, logs=None):
-        completed = int(self.state.epoch.numpy())
-        if completed == epoch + 1 and completed % self.every == 0 and self.state.nonfinite_step is None:
+        if self.state.due(epoch, self.every) is not None:
             self.save()
 
     def on_train_end(self, logs=None):
@@ -210,8 +217,8 @@ class Preview(keras.callbacks.Callback):
         self.image_shape, self.every, self.writer = image_shape, every, writer
 
     def on_epoch_end(self, epoch, logs=None):
-        completed = int(self.state.epoch.numpy())
-        if not self.every or completed != epoch + 1 or completed % self.every or self.state.nonfinite_step:
+        completed = self.state.due(epoch, self.every)
+        if completed is None:
             return
         step = int(self.model.optimizer.iterations.numpy())
         grid = make_grid(to_uint8(self.sampler(self.seeds, self.image_shape)))
@@ -231,8 +238,8 @@ class Evaluate(keras.callbacks.Callback):
         self.state, self.evaluate, self.every, self.echo = state, evaluate, every, echo
 
     def on_epoch_end(self, epoch, logs=None):
-        completed = int(self.state.epoch.numpy())
-        if not self.every or completed != epoch + 1 or completed % self.every or self.state.nonfinite_step:
+        completed = self.state.due(epoch, self.every)
+        if completed is None:
             return
         result = self.evaluate(int(self.model.optimizer.iterations.numpy()), completed)
         self.echo(f"epoch {completed}: KID {result.kid_mean:.4f} +- {result.kid_std:.4f}, FID {result.fid:.1f}, "

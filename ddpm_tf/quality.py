@@ -22,7 +22,7 @@ from .evaluate import (
 )
 from .images import make_grid, save_png
 from .memorization import save_pairs_png
-from .sample import _build_sampler, _run_batches, load_run
+from .sample import build_sampler, load_run, sample_seeds
 
 
 def training_images(cfg, echo=print) -> np.ndarray:
@@ -52,16 +52,11 @@ def generate(net, cfg, n: int, *, sampler=None, steps=None, eta=None, seed=None,
     """n uint8 images from `net` with the eval section's sampler (or the given one); returns (images, tag)."""
     e = cfg.eval
     eta = e.eta if eta is None else eta
-    smp = _build_sampler(net, cfg, name=sampler or e.sampler, steps=steps or e.steps or None, eta=eta)
+    smp = build_sampler(net, cfg, name=sampler or e.sampler, steps=steps or e.steps or None, eta=eta)
     seeds = (e.seed if seed is None else seed) + np.arange(n)
     size, channels = cfg.data.image_size, cfg.data.channels
-    batch_size = batch_size or cfg.sample.batch_size
-    bar = progress_factory(total=smp.num_steps * -(-n // batch_size), desc="sample") if progress_factory else None
-    try:
-        images = _run_batches(smp, seeds, (size, size, channels), batch_size, bar, echo)
-    finally:
-        if bar is not None:
-            bar.close()
+    images = sample_seeds(smp, seeds, (size, size, channels), batch_size or cfg.sample.batch_size,
+                          progress_factory, echo, desc="sample")
     return images, f"{smp.name}-{smp.num_steps}" + (f"-eta{eta:g}" if smp.name == "ddim" else "")
 
 

@@ -82,11 +82,23 @@ def load_run(run_dir: Path | None, runs_root: Path, checkpoint: int | None = Non
     return run, cfg, net, step
 
 
-def _build_sampler(net, cfg, **overrides) -> Sampler:
+def build_sampler(net, cfg, **overrides) -> Sampler:
     try:
         return sampler_from_config(net, cfg, **overrides)
     except ValueError as exc:  # steps beyond the run's T, unknown names
         raise RunError(f"sampler: {exc}") from None
+
+
+def sample_seeds(sampler, seeds, image_shape, batch_size: int, progress_factory=None, echo=print,
+                 desc: str | None = None) -> np.ndarray:
+    """uint8 images, one per seed, in batches, with a progress bar over all their sampler steps."""
+    total = sampler.num_steps * -(-len(seeds) // batch_size)
+    bar = progress_factory(total=total, desc=desc) if progress_factory else None
+    try:
+        return _run_batches(sampler, seeds, image_shape, batch_size, bar, echo)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _run_batches(sampler, seeds, image_shape, batch_size: int, bar, echo) -> np.ndarray:
@@ -124,19 +136,14 @@ def sample(run_dir: Path | None = None, *, runs_root: Path = Path("runs"), n: in
     n = len(seeds)
     batch_size = batch_size or cfg.sample.batch_size
     size, channels = cfg.data.image_size, cfg.data.channels
-    smp = _build_sampler(net, cfg, name=sampler, steps=steps, eta=eta, spacing=spacing)
+    smp = build_sampler(net, cfg, name=sampler, steps=steps, eta=eta, spacing=spacing)
     eta = cfg.sample.eta if eta is None else eta
     tag = f"{smp.name}{smp.num_steps}"
     out = Path(out) if out else run.samples / f"grid-step{step}-{tag}-seed{int(seeds[0])}-n{n}.png"
     singles_dir = out.with_suffix("")
     echo(f"sampling {n} images from {run.path} (step {step}, {smp.name}, {smp.num_steps} steps)")
 
-    bar = progress_factory(total=smp.num_steps * -(-n // batch_size)) if progress_factory else None
-    try:
-        images = _run_batches(smp, seeds, (size, size, channels), batch_size, bar, echo)
-    finally:
-        if bar:
-            bar.close()
+    images = sample_seeds(smp, seeds, (size, size, channels), batch_size, progress_factory, echo)
     meta = {"ddpm_tf:run": str(run.path), "ddpm_tf:step": step, "ddpm_tf:sampler": smp.name,
             "ddpm_tf:steps": smp.num_steps, "ddpm_tf:spacing": spacing or cfg.sample.spacing}
     if smp.name == "ddim":
@@ -167,7 +174,7 @@ def interpolate(run_dir: Path | None, seed_a: int, seed_b: int, *, frames: int =
 
     run, cfg, net, step = load_run(run_dir, runs_root, checkpoint)
     shape = (cfg.data.image_size, cfg.data.image_size, cfg.data.channels)
-    smp = _build_sampler(net, cfg, name="ddim", steps=steps or cfg.sample.steps or None, eta=0.0)
+    smp = build_sampler(net, cfg, name="ddim", steps=steps or cfg.sample.steps or None, eta=0.0)
     ends = initial_noise(tf.constant([seed_a, seed_b], tf.int32), tf.constant(shape, tf.int32)).numpy()
     x_t = np.stack([slerp(ends[0], ends[1], a) for a in np.linspace(0.0, 1.0, frames)])
     echo(f"interpolating seeds {seed_a} -> {seed_b} in {frames} frames (ddim, {smp.num_steps} steps)")
@@ -200,7 +207,7 @@ def img2img(run_dir: Path | None, image: Path, *, strength: float = 0.5, seed: i
         source = load_image(Path(image), size, channels, crop=cfg.data.crop, background=background)
     except (OSError, ValueError) as exc:
         raise RunError(f"{image}: cannot use this image ({exc})") from None
-    smp = _build_sampler(net, cfg, name="ddim", steps=steps or cfg.sample.steps or None)
+    smp = build_sampler(net, cfg, name="ddim", steps=steps or cfg.sample.steps or None)
     # Start at the first visited timestep at or below strength * (T - 1); none (strength 0): no change.
     later = np.nonzero(smp.timesteps <= strength * (smp.schedule.timesteps - 1))[0] if strength > 0 else []
     start = int(later[0]) if len(later) else smp.num_steps
