@@ -10,13 +10,10 @@ import time
 from . import compat
 from .compat import keras, tf
 from .diffusion import ema_decay_at
+from .errors import TrainingStopped
 from .images import atomic_write_bytes, make_grid, save_png, to_uint8
 from .runs import RunDir, save_weights
 from .summaries import image_summary, scalar_summary
-
-
-class TrainingStopped(RuntimeError):
-    """Training cannot go on (non-finite loss, a checkpoint that cannot be written); the message says why."""
 
 
 def _float(value) -> float:
@@ -205,7 +202,7 @@ class Checkpointer(keras.callbacks.Callback):
 
 def export_ema(run: RunDir, ema_net, step: int, meta: dict) -> None:
     """Write RUN/exports/ema-STEP.npz (atomic)."""
-    save_weights(ema_net, run.exports / f"ema-{step:08d}.npz", {**meta, "step": step})
+    save_weights(ema_net, run.export_path(step), {**meta, "step": step})
 
 
 class Preview(keras.callbacks.Callback):

@@ -7,7 +7,6 @@ TensorFlow is imported only inside commands that need it, after the config has b
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import click
@@ -15,12 +14,6 @@ import click
 from . import __version__
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
-
-
-class ConfigProblem(click.ClickException):
-    """A bad config file or override: one line, exit code 2."""
-
-    exit_code = 2
 
 
 def _quiet_tensorflow() -> None:
@@ -33,46 +26,21 @@ def _progress(total, desc=None):
     return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, smoothing=0.1)
 
 
-def _known_errors() -> tuple[tuple, tuple]:
-    """(user errors, interruptions) of the modules loaded so far; those that import TensorFlow are only
-    looked at once a command has loaded them, so a command without TensorFlow never pays for it."""
-    from .data import DataError
-    from .metrics import MetricError
-    from .runs import RunError
-
-    errors: tuple = (DataError, RunError, MetricError)
-    interrupted: tuple = ()
-    if "ddpm_tf.callbacks" in sys.modules:
-        from .callbacks import TrainingStopped
-
-        errors += (TrainingStopped,)
-    if "ddpm_tf.train" in sys.modules:
-        from .train import Interrupted
-
-        interrupted = (Interrupted,)
-    if "ddpm_tf.evaluate" in sys.modules:
-        from .evaluate import EvalError
-
-        errors += (EvalError,)
-    return errors, interrupted
-
-
 def _user_errors(fn, *args, **kwargs):
-    """Run fn, mapping the package's user-facing errors to Click exceptions (no tracebacks)."""
-    from .config import ConfigError
+    """Run fn, turning the package's user-facing errors, and any failure of the file system, into one line."""
+    from .errors import Interrupted, UserError
 
     try:
         return fn(*args, **kwargs)
-    except ConfigError as exc:
-        raise ConfigProblem(str(exc)) from None
-    except Exception as exc:
-        errors, interrupted = _known_errors()
-        if isinstance(exc, errors):
-            raise click.ClickException(str(exc)) from None
-        if isinstance(exc, interrupted):
-            # 128 + signal number, as a shell reports a process stopped by that signal.
-            raise SystemExit(143 if str(exc) == "SIGTERM" else 130) from None
-        raise
+    except UserError as exc:
+        error = click.ClickException(str(exc))
+        error.exit_code = exc.exit_code
+        raise error from None
+    except Interrupted as exc:
+        raise SystemExit(exc.exit_code) from None
+    except OSError as exc:  # a read-only folder, a full disk, a file where a folder should be, ...
+        where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+        raise click.ClickException(f"{where + ': ' if where else ''}{exc.strerror or exc}") from None
 
 
 @click.group(context_settings=CONTEXT)
@@ -153,8 +121,11 @@ def _sample_options(fn):
     """Options shared by the commands that read a run."""
     fn = click.option("--checkpoint", type=click.IntRange(0), default=None,
                       help="Use the weights exported at this training step. [default: the newest]")(fn)
+    fn = click.option("--overwrite", is_flag=True,
+                      help="Replace existing files at --out (never the input image).")(fn)
     fn = click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None,
-                      help="Output PNG path. [default: under RUN/samples/]")(fn)
+                      help="Output PNG path; an existing file is refused without --overwrite. "
+                           "[default: RUN/samples/NNNNN-..., numbered so that nothing is replaced]")(fn)
     fn = click.option("--runs-root", type=click.Path(path_type=Path, file_okay=False), default=Path("runs"),
                       help="Where to look for the newest run when --run is not given.")(fn)
     fn = click.option("--run", "run_dir", type=click.Path(path_type=Path, file_okay=False, exists=True),
@@ -197,7 +168,8 @@ Examples:
               help="DDIM noise: 0 deterministic, 1 DDPM-like. [default: sample.eta]")
 @click.option("--spacing", type=click.Choice(["linspace", "trailing"]), default=None,
               help="Which timesteps a short sampler visits. [default: sample.spacing]")
-def sample(run_dir, runs_root, out, checkpoint, n, seed, seeds_text, batch_size, sampler, steps, eta, spacing):
+def sample(run_dir, runs_root, out, overwrite, checkpoint, n, seed, seeds_text, batch_size, sampler, steps, eta,
+           spacing):
     """Generate images with a trained run's EMA weights: a near-square grid and one PNG per image.
 
     Each PNG records its run, step, sampler, steps and seed in PNG text metadata.
@@ -207,8 +179,8 @@ def sample(run_dir, runs_root, out, checkpoint, n, seed, seeds_text, batch_size,
     from .sample import sample as run_sample
 
     grid = _user_errors(run_sample, run_dir, runs_root=runs_root, n=n, seed=seed, seeds=seeds,
-                        batch_size=batch_size, out=out, checkpoint=checkpoint, sampler=sampler, steps=steps,
-                        eta=eta, spacing=spacing, echo=click.echo, progress_factory=_progress)
+                        batch_size=batch_size, out=out, overwrite=overwrite, checkpoint=checkpoint, sampler=sampler,
+                        steps=steps, eta=eta, spacing=spacing, echo=click.echo, progress_factory=_progress)
     click.echo(str(grid))
 
 
@@ -263,7 +235,7 @@ Examples:
               help="The two seeds to morph between.")
 @click.option("--frames", type=click.IntRange(2, 256), default=16, help="Frames, both ends included.")
 @click.option("--steps", type=click.IntRange(1), default=None, help="DDIM steps. [default: sample.steps or 50]")
-def interpolate(run_dir, runs_root, out, checkpoint, seeds, frames, steps):
+def interpolate(run_dir, runs_root, out, overwrite, checkpoint, seeds, frames, steps):
     """Morph between two seeds: spherical interpolation of their initial noise, DDIM with eta 0.
 
     Writes a strip PNG and an animated GIF beside it.
@@ -272,7 +244,7 @@ def interpolate(run_dir, runs_root, out, checkpoint, seeds, frames, steps):
     from .sample import interpolate as run_interpolate
 
     path = _user_errors(run_interpolate, run_dir, seeds[0], seeds[1], frames=frames, steps=steps,
-                        runs_root=runs_root, out=out, checkpoint=checkpoint, echo=click.echo)
+                        runs_root=runs_root, out=out, overwrite=overwrite, checkpoint=checkpoint, echo=click.echo)
     click.echo(str(path))
 
 
@@ -287,7 +259,7 @@ Examples:
 @click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, help="Seed of the added noise.")
 @click.option("--steps", type=click.IntRange(1), default=None,
               help="DDIM steps for the whole range (strength 0.5 runs about half). [default: sample.steps or 50]")
-def img2img(image, run_dir, runs_root, out, checkpoint, strength, seed, steps):
+def img2img(image, run_dir, runs_root, out, overwrite, checkpoint, strength, seed, steps):
     """SDEdit: noise IMAGE to the level matching --strength and denoise it with the run's model.
 
     The image is prepared like training data (orientation, colour mode, data.crop, resize). Writes the
@@ -297,7 +269,7 @@ def img2img(image, run_dir, runs_root, out, checkpoint, strength, seed, steps):
     from .sample import img2img as run_img2img
 
     path = _user_errors(run_img2img, run_dir, image, strength=strength, seed=seed, steps=steps,
-                        runs_root=runs_root, out=out, checkpoint=checkpoint, echo=click.echo)
+                        runs_root=runs_root, out=out, overwrite=overwrite, checkpoint=checkpoint, echo=click.echo)
     click.echo(str(path))
 
 
@@ -316,7 +288,7 @@ def list_runs(runs_root: Path):
         raise click.ClickException(f"no run under {runs_root}/ (a run is a folder with config.yaml)")
     header = ("run", "step", "epoch", "loss", "checkpoint", "MB", "")
     table = [header] + [(r["run"], str(r["step"] or "-"), str(r["epoch"] or "-"), str(r["loss"] or "-"),
-                         r["checkpoint_time"] or "-", str(r["checkpoint_mb"]), "training" if r["training"] else "")
+                         r["checkpoint_time"] or "-", str(r["checkpoint_mb"]), f"training ({r['trainer']})" if r["training"] else "")
                         for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:

@@ -10,9 +10,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A user error in a config file or override: the message names the file, the key and what is allowed."""
+from .errors import ConfigError
 
 
 def _spec(default, *, lo=None, hi=None, choices=None, help=""):

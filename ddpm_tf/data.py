@@ -29,10 +29,6 @@ BOMB = "decompression-bomb"
 UNREADABLE = "unreadable"
 
 
-class DataError(ValueError):
-    """The data folder cannot be used at all (missing, or no usable image)."""
-
-
 @dataclass(frozen=True)
 class DecodeSettings:
     """Everything that changes the decoded pixels: part of the cache key."""

@@ -25,6 +25,7 @@ from typing import Protocol
 import numpy as np
 
 from .compat import keras, tf
+from .errors import EvalError
 from .images import atomic_write_bytes
 from .memorization import MemorizationReport, flip_images, memorization_report
 from .metrics import fid, kid
@@ -37,10 +38,6 @@ INCEPTION_NOTOP_URL = ("https://storage.googleapis.com/tensorflow/keras-applicat
 INCEPTION_SIZE = 299
 EXPECTED_FILES = (f"Keras' Inception-V3 no-top weights ({INCEPTION_NOTOP_FILE}) or a whole saved Keras model "
                   "(.keras, or .h5 saved with model.save) mapping images in [-1, 1] to feature vectors")
-
-
-class EvalError(ValueError):
-    """Evaluation cannot run as asked; the message names the file or setting and what was expected."""
 
 
 class FeatureExtractor(Protocol):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import math
 import os
@@ -40,8 +41,9 @@ def make_grid(images: np.ndarray, pad: int = 2, background: int = 255, cols: int
     return grid
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, flush to disk, then rename over it (atomic on POSIX and Windows)."""
+def atomic_write_bytes(path: Path, data: bytes, overwrite: bool = True) -> None:
+    """Write to a temporary file beside `path`, flush to disk, then move it into place whole (atomic on POSIX
+    and Windows). With `overwrite=False` an existing `path` is never replaced: FileExistsError instead."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -50,10 +52,24 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _link_exclusive(tmp, path, data)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _link_exclusive(tmp: Path, path: Path, data: bytes) -> None:
+    """Publish `tmp` as `path` unless `path` exists: a hard link fails on an existing name, atomically."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(errno.EEXIST, "File exists", str(path)) from None
+    except OSError:  # no hard links on this file system (FAT, some shares): exclusive create, then write
+        with open(path, "xb") as f:
+            f.write(data)
 
 
 def png_bytes(image: np.ndarray, metadata: dict | None = None) -> bytes:
@@ -68,9 +84,9 @@ def png_bytes(image: np.ndarray, metadata: dict | None = None) -> bytes:
     return buf.getvalue()
 
 
-def save_png(path: Path, image: np.ndarray, metadata: dict | None = None) -> Path:
-    """Write one uint8 image as a PNG atomically; returns the path."""
-    atomic_write_bytes(Path(path), png_bytes(image, metadata))
+def save_png(path: Path, image: np.ndarray, metadata: dict | None = None, overwrite: bool = True) -> Path:
+    """Write one uint8 image as a PNG atomically (never over an existing file unless `overwrite`); returns the path."""
+    atomic_write_bytes(Path(path), png_bytes(image, metadata), overwrite)
     return Path(path)
 
 

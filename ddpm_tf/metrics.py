@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import MetricError
+
 GRAM_LIMIT = 3000  # KID precomputes the kernel of all rows up to this many (3000² float64: 72 MB)
-
-
-class MetricError(ValueError):
-    """The features cannot give this metric (too few images, mismatched dimensions, NaN)."""
 
 
 def _check_features(feats, name: str, min_rows: int) -> np.ndarray:

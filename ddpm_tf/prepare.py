@@ -34,7 +34,8 @@ import numpy as np
 from PIL import Image
 
 from . import cache as cache_mod
-from .data import IMAGE_SUFFIXES, NOT_AN_IMAGE, UNREADABLE, DataError, Decoded, DecodeSettings, decode_file
+from .data import IMAGE_SUFFIXES, NOT_AN_IMAGE, UNREADABLE, Decoded, DecodeSettings, decode_file
+from .errors import DataError
 
 DUPLICATE = "duplicate"
 NEAR_DUPLICATE = "near-duplicate"

@@ -38,7 +38,8 @@ def training_images(cfg, echo=print) -> np.ndarray:
 
 def with_eval_overrides(cfg, overrides: list[str]):
     """The run's config with `eval.key=value` overrides applied (other sections belong to the run)."""
-    from .config import ConfigError, from_dict, parse_override, to_dict
+    from .config import from_dict, parse_override, to_dict
+    from .errors import ConfigError
 
     parsed = [parse_override(o) for o in overrides]
     for key, _ in parsed:

@@ -1,10 +1,17 @@
-"""The run directory: resolved config, checkpoints, portable EMA exports, previews, samples, metrics.
+"""The run directory: every file a run has, which of them this tool wrote, the lock, the portable exports.
 
+    RUN/.ddpm_tf_run             the marker that says "a run of ddpm_tf" (written when the run is created)
     RUN/config.yaml              the resolved config: all `ddpm sample` needs
     RUN/checkpoints/             tf.train.CheckpointManager: network, EMA, optimizer, counters, RNG
+    RUN/checkpoints/written_by.yaml  the TensorFlow and Keras versions that wrote them
     RUN/exports/ema-STEP.npz     EMA weights keyed by 'layer/weight', readable on Keras 2 and 3
-    RUN/previews/, RUN/samples/  PNG grids
-    RUN/metrics.csv              one row per epoch
+    RUN/previews/                preview grids during training
+    RUN/metrics.csv, RUN/eval.csv, RUN/eval/, RUN/tensorboard/   logs and evaluations
+    RUN/samples/                 what `ddpm sample`, `interpolate` and `img2img` write by default
+    RUN/.lock                    the pid and host of the trainer
+
+Cleanup is by exact name: `--restart` and the sweep of interrupted writes remove only files whose names
+this tool writes (the patterns below), inside folders that are provably runs, and never `samples/`.
 """
 
 from __future__ import annotations
@@ -13,40 +20,168 @@ import csv
 import io
 import os
 import re
-import shutil
 import socket
 import sys
 import time
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 import yaml
 
 from . import config as config_mod
+from .errors import RunError
 from .images import atomic_write_bytes
 
+MARKER_NAME = ".ddpm_tf_run"
+CONFIG_HEADER = "# Resolved configuration of this run (written by ddpm train)."
 EXPORT_RE = re.compile(r"^ema-(\d+)\.npz$")
+# A killed atomic write (images.atomic_write_bytes) leaves `.NAME.tmp-PID`; TensorFlow's checkpoint writer
+# leaves `ckpt-N_temp/part-...` folders and `checkpoint.tmpHEX` state files.
+_ATOMIC_TMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
+_TF_TEMP_DIR_RE = re.compile(r"^ckpt-\d+_temp$")
+_TF_TEMP_PART_RE = re.compile(r"^part-\d+-of-\d+(\.index|\.data-\d+-of-\d+)$")
+_TF_STATE_TMP_RE = re.compile(r"^checkpoint\.tmp[0-9a-f]{32}$")
 
 
-class RunError(ValueError):
-    """A run directory that cannot be used for what was asked (no config, no weights, ...)."""
+def export_name(step: int) -> str:
+    """The file name of the EMA export of `step` (parsed back by EXPORT_RE)."""
+    return f"ema-{step:08d}.npz"
 
 
 class RunDir:
-    """Paths and small I/O helpers of one run directory."""
+    """Every path of one run directory, which of its files this tool wrote, and small I/O helpers."""
 
     def __init__(self, path):
         self.path = Path(path)
+        self.marker = self.path / MARKER_NAME
         self.config_path = self.path / "config.yaml"
+        self.lock_path = self.path / ".lock"
         self.checkpoints = self.path / "checkpoints"
+        self.written_by = self.checkpoints / "written_by.yaml"
         self.exports = self.path / "exports"
         self.previews = self.path / "previews"
         self.samples = self.path / "samples"
         self.metrics_csv = self.path / "metrics.csv"
+        self.eval_csv = self.path / "eval.csv"
+        self.eval_dir = self.path / "eval"
+        self.tensorboard = self.path / "tensorboard"
 
+    # --- what is this tool's -----------------------------------------------------------------------
+    def owned_names(self) -> dict[Path, re.Pattern]:
+        """{folder: pattern of the file names this tool writes there}; `samples/` is the user's and absent."""
+        return {
+            self.path: re.compile(r"^(config\.yaml|metrics\.csv|eval\.csv)$"),
+            self.checkpoints: re.compile(r"^(checkpoint|written_by\.yaml|ckpt-\d+\.(index|data-\d+-of-\d+))$"),
+            self.exports: EXPORT_RE,
+            self.previews: re.compile(r"^(latest\.png|preview-epoch\d+-step\d+\.png)$"),
+            self.eval_dir: re.compile(r"^(samples|closest-pairs)-.+\.png$|^memorization-.+\.csv$"),
+            self.tensorboard: re.compile(r"^events\.out\.tfevents\..+"),
+        }
+
+    def is_run(self) -> bool:
+        """Whether this folder is provably a run of this tool: its marker, or (runs made before the marker
+        existed) a config.yaml that `ddpm train` wrote."""
+        if self.marker.is_file():
+            return True
+        try:
+            with open(self.config_path, encoding="utf-8", errors="replace") as f:
+                return f.readline().startswith(CONFIG_HEADER)
+        except OSError:
+            return False
+
+    def claim(self) -> None:
+        """Make this folder a run (creating it), or check that it is one; a folder holding anything else is
+        refused untouched, so a run never writes among a person's files."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunError(f"run.dir {self.path} is a file, not a folder; set run.dir to a new folder")
+        if self.is_run():
+            if not self.marker.exists():
+                self._write_marker()
+            return
+        foreign = sorted(p.name for p in self.path.iterdir()) if self.path.is_dir() else []
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise RunError(f"run.dir {self.path} is a folder that is not a ddpm_tf run and is not empty "
+                           f"({shown}); set run.dir to a new or empty folder, e.g. runs/NAME")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._write_marker()
+        except OSError as exc:
+            raise RunError(f"run.dir {self.path}: cannot create the run there ({exc.strerror or exc}); "
+                           "set run.dir to a writable folder") from None
+
+    def _write_marker(self) -> None:
+        from . import __version__
+
+        atomic_write_bytes(self.marker, yaml.safe_dump({
+            "ddpm_tf": __version__, "created": time.strftime("%Y-%m-%d %H:%M:%S")}).encode("utf-8"))
+
+    def remove_written(self) -> list[Path]:
+        """Delete every file this tool wrote into the run (for `--restart`), keeping `samples/`, the marker,
+        the lock and anything else; folders left empty are removed. Returns what was deleted."""
+        if not self.is_run():
+            raise RunError(f"{self.path} is not a ddpm_tf run (no {MARKER_NAME} and no config.yaml written by "
+                           "ddpm train): --restart deletes nothing there; set run.dir to the run to start over")
+        removed = self.remove_partial_files()
+        for folder, pattern in self.owned_names().items():
+            if not folder.is_dir():
+                continue
+            for p in folder.iterdir():
+                if pattern.match(p.name) and p.is_file() and not p.is_symlink():
+                    p.unlink()
+                    removed.append(p)
+            if folder != self.path and not any(folder.iterdir()):
+                folder.rmdir()
+        return removed
+
+    def remove_partial_files(self) -> list[Path]:
+        """Delete what a killed write of this tool left behind, by exact name, in a run's folders: atomic-write
+        temporaries of our names whose writer process is gone (a `ddpm sample` may be writing now), and
+        TensorFlow's checkpoint temporaries (call this under the run's lock). Nothing outside a run."""
+        if not self.is_run():
+            return []
+        removed = []
+        owned = self.owned_names()
+        for folder in [*owned, self.samples, *self._sample_folders()]:
+            if not folder.is_dir() or folder.is_symlink():
+                continue
+            for p in folder.iterdir():
+                m = _ATOMIC_TMP_RE.match(p.name)
+                if m and p.is_file() and not p.is_symlink() and self._is_our_name(folder, m["name"], owned) \
+                        and not pid_alive(int(m["pid"])):
+                    p.unlink()
+                    removed.append(p)
+        if self.checkpoints.is_dir():
+            for p in self.checkpoints.iterdir():
+                if _TF_STATE_TMP_RE.match(p.name) and p.is_file() and not p.is_symlink():
+                    p.unlink()
+                    removed.append(p)
+                elif _TF_TEMP_DIR_RE.match(p.name) and p.is_dir() and not p.is_symlink():
+                    parts = [q for q in p.iterdir() if _TF_TEMP_PART_RE.match(q.name) and q.is_file()]
+                    for q in parts:
+                        q.unlink()
+                    if not any(p.iterdir()):
+                        p.rmdir()
+                    removed.append(p)
+        return removed
+
+    def _sample_folders(self) -> list[Path]:
+        """The per-image folders beside default sample grids (samples/NNNNN-grid-.../)."""
+        if not self.samples.is_dir() or self.samples.is_symlink():
+            return []
+        return [p for p in self.samples.iterdir() if p.is_dir() and _NUMBERED_RE.match(p.name)]
+
+    def _is_our_name(self, folder: Path, name: str, owned: dict) -> bool:
+        if folder in owned:
+            return bool(owned[folder].match(name)) or (folder == self.path and name in (MARKER_NAME, ".lock"))
+        return name.endswith((".png", ".gif"))  # samples/ and its per-image folders hold our PNGs and GIFs
+
+    # --- config and exports ------------------------------------------------------------------------
     def save_config(self, cfg) -> None:
         """Write the resolved config atomically."""
-        header = "# Resolved configuration of this run (written by ddpm train). `ddpm sample` reads it.\n"
+        header = CONFIG_HEADER + " `ddpm sample` reads it.\n"
         atomic_write_bytes(self.config_path, (header + config_mod.dump_yaml(cfg)).encode("utf-8"))
 
     def load_config(self):
@@ -66,6 +201,9 @@ class RunDir:
                 out[int(m.group(1))] = p
         return out
 
+    def export_path(self, step: int) -> Path:
+        return self.exports / export_name(step)
+
     def latest_export(self, step: int | None = None) -> tuple[int, Path]:
         """(step, path) of the newest EMA export, or of the one at `step`."""
         exports = self.export_paths()
@@ -84,6 +222,9 @@ class RunDir:
         exports = self.export_paths()
         for step in sorted(exports)[:-keep]:
             exports[step].unlink(missing_ok=True)
+
+
+_NUMBERED_RE = re.compile(r"^\d{5}-")
 
 
 def weights_dict(model) -> dict[str, np.ndarray]:
@@ -114,9 +255,11 @@ def load_weights(model, path: Path) -> dict:
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError) as exc:
-        raise RunError(f"{path}: not a readable weights export ({exc})") from None
-    meta = yaml.safe_load(arrays.pop("__meta__", np.zeros(0, np.uint8)).tobytes().decode("utf-8")) or {}
+        meta = yaml.safe_load(arrays.pop("__meta__", np.zeros(0, np.uint8)).tobytes().decode("utf-8")) or {}
+    # A truncated or damaged .npz fails in the zip reader, in zlib or in the array header.
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, yaml.YAMLError) as exc:
+        raise RunError(f"{path}: not a readable weights export, truncated or damaged "
+                       f"({type(exc).__name__}: {str(exc)[:120]})") from None
     for v in model.weights:
         key = variable_key(v)
         if key not in arrays:
@@ -168,43 +311,68 @@ def pid_alive(pid: int) -> bool:
 
 
 class RunLock:
-    """An exclusive lock on a run directory: RUN/.lock holds the owner's pid and host.
+    """An exclusive lock on a run directory: RUN/.lock holds the owner's pid, host and start time.
 
-    Created with O_EXCL (atomic on every OS, no fcntl). A lock whose process is gone from this host
-    is stale and taken over; a live one makes `acquire` raise RunError naming the owner.
+    Published whole with a hard link (atomic, no fcntl: works on Windows too), so a lock file is never seen
+    half-written. A lock whose process is gone from this host, or that is empty or unreadable (a crash of an
+    older version, a damaged disk), is taken over with a note; a live one makes `acquire` raise RunError.
     """
 
     def __init__(self, run: RunDir):
-        self.path = run.path / ".lock"
+        self.path = run.lock_path
         self.run = run
         self.held = False
 
-    def _owner(self) -> dict:
+    def owner(self) -> dict | None:
+        """The lock's {pid, host, since}; None when there is no lock, {} when it is empty or unreadable."""
         try:
-            return yaml.safe_load(self.path.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError):
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError):
             return {}
+        try:
+            owner = yaml.safe_load(text)
+        except yaml.YAMLError:
+            return {}
+        if not isinstance(owner, dict) or not isinstance(owner.get("pid"), int):
+            return {}
+        return owner
+
+    def live_owner(self) -> dict | None:
+        """The owner when a process holds the lock now: alive on this host, or on another host (unknowable)."""
+        owner = self.owner()
+        if not owner:
+            return None
+        if owner.get("host") == socket.gethostname() and not pid_alive(owner["pid"]):
+            return None
+        return owner
 
     def acquire(self) -> str | None:
-        """Take the lock; returns a note when a stale lock was taken over."""
-        self.run.path.mkdir(parents=True, exist_ok=True)
+        """Take the lock; returns a note when a stale or damaged lock was taken over."""
+        body = yaml.safe_dump({"pid": os.getpid(), "host": socket.gethostname(),
+                               "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode("utf-8")
         note = None
-        for _ in range(2):
+        for _ in range(3):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                atomic_write_bytes(self.path, body, overwrite=False)
             except FileExistsError:
-                owner = self._owner()
-                pid, host = int(owner.get("pid", -1) or -1), owner.get("host")
-                if host == socket.gethostname() and not pid_alive(pid):
-                    self.path.unlink(missing_ok=True)
-                    note = f"took over a stale lock of process {pid} (no longer running)"
-                    continue
-                raise RunError(
-                    f"{self.run.path} is being trained by process {pid} on {host} (since {owner.get('since')}); "
-                    f"wait for it or stop it. If that process is gone, delete {self.path}") from None
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(yaml.safe_dump({"pid": os.getpid(), "host": socket.gethostname(),
-                                        "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+                owner = self.owner()
+                if owner is None:
+                    continue  # released meanwhile
+                live = self.live_owner()
+                if live:
+                    raise RunError(
+                        f"{self.run.path} is being trained by process {live['pid']} on {live.get('host')} (since "
+                        f"{live.get('since')}); wait for it or stop it. If that process is gone, delete "
+                        f"{self.path}") from None
+                self.path.unlink(missing_ok=True)
+                note = (f"took over a stale lock of process {owner['pid']} (no longer running)" if owner else
+                        f"took over an empty or unreadable lock file {self.path} (no trainer wrote it whole)")
+                continue
+            except OSError as exc:
+                raise RunError(f"{self.run.path}: cannot write the run's lock ({exc.strerror or exc}); "
+                               "is the folder read-only? Set run.dir to a writable folder") from None
             self.held = True
             return note
         raise RunError(f"{self.path}: could not take the lock")
@@ -215,27 +383,14 @@ class RunLock:
             self.held = False
 
 
-def remove_partial_files(run: RunDir) -> list[Path]:
-    """Delete what a killed process can leave behind: our `.NAME.tmp-PID` files and TF's `*_temp` checkpoint
-    parts. (A checkpoint whose data was written but not yet listed in the manager's state is overwritten
-    by the next save of the same step.) Returns what was removed."""
-    removed = []
-    for folder in (run.path, run.exports, run.previews, run.samples, run.checkpoints):
-        if not folder.is_dir():
-            continue
-        for p in folder.iterdir():
-            if ".tmp-" in p.name or "_temp" in p.name:
-                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-                removed.append(p)
-    return removed
-
-
 def _last_metrics_row(run: RunDir) -> dict:
-    if not run.metrics_csv.is_file():
+    """The last row of metrics.csv; {} when it is missing, empty or unreadable (the listing goes on)."""
+    try:
+        with open(run.metrics_csv, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error):
         return {}
-    with open(run.metrics_csv, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    return rows[-1] if rows else {}
+    return rows[-1] if rows and isinstance(rows[-1], dict) else {}
 
 
 def describe_runs(root: Path) -> list[dict]:
@@ -248,11 +403,13 @@ def describe_runs(root: Path) -> list[dict]:
         newest = exports[step] if exports else None
         ckpt_bytes = sum(p.stat().st_size for p in run.checkpoints.glob(f"ckpt-{step}.*")) if step else 0
         row = _last_metrics_row(run)
+        live = RunLock(run).live_owner()
         out.append({
             "run": str(run.path), "step": step, "epoch": row.get("epoch"), "loss": row.get("loss"),
             "checkpoint_time": time.strftime("%Y-%m-%d %H:%M", time.localtime(newest.stat().st_mtime))
             if newest else None,
             "checkpoint_mb": round((ckpt_bytes + (newest.stat().st_size if newest else 0)) / 2**20, 1),
-            "training": (run.path / ".lock").exists(),
+            "training": live is not None,
+            "trainer": f"pid {live['pid']} on {live.get('host')}" if live else None,
         })
     return out

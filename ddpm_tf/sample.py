@@ -8,9 +8,11 @@ from pathlib import Path
 import numpy as np
 
 from .compat import tf
+from .errors import RunError
 from .images import atomic_write_bytes, make_grid, save_png, to_float, to_uint8
+from .outputs import Outputs
 from .precision import apply_policy, use_xla
-from .runs import RunDir, RunError, find_latest_run, load_weights
+from .runs import RunDir, find_latest_run, load_weights
 from .samplers import DEFAULT_STEPS, SAMPLERS, initial_noise, reverse_steps, sampler_timesteps
 from .schedule import Schedule
 from .unet import build_unet
@@ -78,7 +80,12 @@ def load_run(run_dir: Path | None, runs_root: Path, checkpoint: int | None = Non
     step, export = run.latest_export(checkpoint)
     apply_policy(cfg.train.precision)  # the sampler runs in the precision the run trained in
     net = build_unet(cfg.model, cfg.data.image_size, cfg.data.channels, name="ema_unet")
-    load_weights(net, export)
+    try:
+        load_weights(net, export)
+    except RunError as exc:
+        others = sorted(s for s in run.export_paths() if s != step)
+        hint = f"; this run's other exports: --checkpoint {', '.join(map(str, others))}" if others else ""
+        raise RunError(f"{exc}{hint}") from None
     return run, cfg, net, step
 
 
@@ -123,7 +130,7 @@ def sample(run_dir: Path | None = None, *, runs_root: Path = Path("runs"), n: in
            seed: int | None = None, seeds: list[int] | None = None, batch_size: int | None = None,
            out: Path | None = None, checkpoint: int | None = None, sampler: str | None = None,
            steps: int | None = None, eta: float | None = None, spacing: str | None = None,
-           echo=print, progress_factory=None) -> Path:
+           overwrite: bool = False, echo=print, progress_factory=None) -> Path:
     """Generate images from a run's EMA weights; write a grid PNG and one PNG per image. Returns the grid path.
 
     Image i gets seed `seed + i`, or the i-th of `seeds`: the same seed gives the same image whatever the
@@ -139,8 +146,11 @@ def sample(run_dir: Path | None = None, *, runs_root: Path = Path("runs"), n: in
     smp = build_sampler(net, cfg, name=sampler, steps=steps, eta=eta, spacing=spacing)
     eta = cfg.sample.eta if eta is None else eta
     tag = f"{smp.name}{smp.num_steps}"
-    out = Path(out) if out else run.samples / f"grid-step{step}-{tag}-seed{int(seeds[0])}-n{n}.png"
-    singles_dir = out.with_suffix("")
+    single_names = [f"{i:04d}-seed{int(s)}.png" for i, s in enumerate(seeds)]
+    outputs = Outputs(out, run.samples, f"grid-step{step}-{tag}-seed{int(seeds[0])}-n{n}.png",
+                      companions=lambda grid: [grid.with_suffix("") / name for name in single_names],
+                      overwrite=overwrite)
+    outputs.check()  # before the sampling, not after it
     echo(f"sampling {n} images from {run.path} (step {step}, {smp.name}, {smp.num_steps} steps)")
 
     images = sample_seeds(smp, seeds, (size, size, channels), batch_size, progress_factory, echo)
@@ -148,10 +158,15 @@ def sample(run_dir: Path | None = None, *, runs_root: Path = Path("runs"), n: in
             "ddpm_tf:steps": smp.num_steps, "ddpm_tf:spacing": spacing or cfg.sample.spacing}
     if smp.name == "ddim":
         meta["ddpm_tf:eta"] = eta
-    for i, (img, s) in enumerate(zip(images, seeds)):
-        save_png(singles_dir / f"{i:04d}-seed{int(s)}.png", img, {**meta, "ddpm_tf:seed": int(s)})
-    save_png(out, make_grid(images), {**meta, "ddpm_tf:seeds": ",".join(str(int(s)) for s in seeds)})
-    echo(f"wrote {out} and {n} images in {singles_dir}")
+
+    def write(paths, overwrite):
+        grid, singles = paths[0], paths[1:]
+        save_png(grid, make_grid(images), {**meta, "ddpm_tf:seeds": ",".join(str(int(s)) for s in seeds)}, overwrite)
+        for path, img, s in zip(singles, images, seeds):
+            save_png(path, img, {**meta, "ddpm_tf:seed": int(s)}, overwrite)
+
+    out = outputs.write(write)
+    echo(f"wrote {out} and {n} images in {out.with_suffix('')}")
     return out
 
 
@@ -167,7 +182,7 @@ def slerp(a: np.ndarray, b: np.ndarray, alpha: float) -> np.ndarray:
 
 def interpolate(run_dir: Path | None, seed_a: int, seed_b: int, *, frames: int = 16, steps: int | None = None,
                 runs_root: Path = Path("runs"), out: Path | None = None, checkpoint: int | None = None,
-                echo=print) -> Path:
+                overwrite: bool = False, echo=print) -> Path:
     """Slerp between the initial noise of two seeds, denoise each frame with DDIM (eta 0); write a strip
     PNG and an animated GIF beside it. Returns the strip's path."""
     from PIL import Image
@@ -175,25 +190,31 @@ def interpolate(run_dir: Path | None, seed_a: int, seed_b: int, *, frames: int =
     run, cfg, net, step = load_run(run_dir, runs_root, checkpoint)
     shape = (cfg.data.image_size, cfg.data.image_size, cfg.data.channels)
     smp = build_sampler(net, cfg, name="ddim", steps=steps or cfg.sample.steps or None, eta=0.0)
+    outputs = Outputs(out, run.samples, f"interp-step{step}-seed{seed_a}-{seed_b}.png",
+                      companions=lambda strip: [strip.with_suffix(".gif")], overwrite=overwrite)
+    outputs.check()
     ends = initial_noise(tf.constant([seed_a, seed_b], tf.int32), tf.constant(shape, tf.int32)).numpy()
     x_t = np.stack([slerp(ends[0], ends[1], a) for a in np.linspace(0.0, 1.0, frames)])
     echo(f"interpolating seeds {seed_a} -> {seed_b} in {frames} frames (ddim, {smp.num_steps} steps)")
     images = to_uint8(smp(np.full(frames, seed_a), shape, x_start=x_t))
-    out = Path(out) if out else run.samples / f"interp-step{step}-seed{seed_a}-{seed_b}.png"
     meta = {"ddpm_tf:run": str(run.path), "ddpm_tf:step": step, "ddpm_tf:sampler": "ddim",
             "ddpm_tf:steps": smp.num_steps, "ddpm_tf:seeds": f"{seed_a},{seed_b}", "ddpm_tf:frames": frames}
-    save_png(out, make_grid(images, cols=frames), meta)
     pil = [Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img) for img in images]
     gif = io.BytesIO()
     pil[0].save(gif, format="GIF", save_all=True, append_images=pil[1:] + pil[-2:0:-1], duration=120, loop=0)
-    atomic_write_bytes(out.with_suffix(".gif"), gif.getvalue())
+
+    def write(paths, overwrite):
+        save_png(paths[0], make_grid(images, cols=frames), meta, overwrite)
+        atomic_write_bytes(paths[1], gif.getvalue(), overwrite)
+
+    out = outputs.write(write)
     echo(f"wrote {out} and {out.with_suffix('.gif')}")
     return out
 
 
 def img2img(run_dir: Path | None, image: Path, *, strength: float = 0.5, seed: int = 0, steps: int | None = None,
             runs_root: Path = Path("runs"), out: Path | None = None, checkpoint: int | None = None,
-            echo=print) -> Path:
+            overwrite: bool = False, echo=print) -> Path:
     """SDEdit (Meng et al. 2021): noise an image to the timestep matching `strength` (0: unchanged, 1: pure
     noise) and denoise it with DDIM. Writes the input and the result side by side. Returns its path."""
     from PIL import ImageColor
@@ -202,6 +223,10 @@ def img2img(run_dir: Path | None, image: Path, *, strength: float = 0.5, seed: i
 
     run, cfg, net, step = load_run(run_dir, runs_root, checkpoint)
     size, channels = cfg.data.image_size, cfg.data.channels
+    outputs = Outputs(out, run.samples, f"img2img-{Path(image).stem}-s{strength:g}-seed{seed}.png",
+                      companions=lambda result: [result.with_name(result.stem + "-pair.png")],
+                      inputs=[image], overwrite=overwrite)
+    outputs.check()  # before decoding and denoising; an output never replaces the input photo
     try:
         background = ImageColor.getrgb(cfg.data.background)[:3]
         source = load_image(Path(image), size, channels, crop=cfg.data.crop, background=background)
@@ -217,11 +242,14 @@ def img2img(run_dir: Path | None, image: Path, *, strength: float = 0.5, seed: i
         t = tf.constant([int(smp.timesteps[start])])
         x = smp.schedule.q_sample(x0, t, initial_noise(tf.constant([seed]), tf.constant(source.shape)))
     result = to_uint8(smp([seed], source.shape, x_start=x.numpy(), start_index=start))[0]
-    out = Path(out) if out else run.samples / f"img2img-{Path(image).stem}-s{strength:g}-seed{seed}.png"
     meta = {"ddpm_tf:run": str(run.path), "ddpm_tf:step": step, "ddpm_tf:sampler": "ddim",
             "ddpm_tf:steps": smp.num_steps - start, "ddpm_tf:strength": strength, "ddpm_tf:seed": seed,
             "ddpm_tf:source": str(image)}
-    save_png(out, result, meta)
-    save_png(out.with_name(out.stem + "-pair.png"), make_grid(np.stack([source, result]), cols=2), meta)
+
+    def write(paths, overwrite):
+        save_png(paths[0], result, meta, overwrite)
+        save_png(paths[1], make_grid(np.stack([source, result]), cols=2), meta, overwrite)
+
+    out = outputs.write(write)
     echo(f"wrote {out} ({smp.num_steps - start} of {smp.num_steps} DDIM steps at strength {strength:g})")
     return out

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import shutil
 import signal
+from pathlib import Path
 
 import numpy as np
 import yaml
@@ -22,12 +22,13 @@ from .callbacks import (
     export_ema,
 )
 from .compat import tf
-from .config import ConfigError, to_dict
+from .config import to_dict
 from .data import make_dataset
 from .diffusion import build_diffusion_model
+from .errors import ConfigError, Interrupted, RunError
 from .images import atomic_write_bytes
 from .prepare import prepare
-from .runs import RunDir, RunError, RunLock, remove_partial_files
+from .runs import RunDir, RunLock
 from .sample import sampler_from_config
 
 # Keys whose change makes an old checkpoint meaningless for a new config.
@@ -46,16 +47,18 @@ def _check_resume_compatible(saved, cfg, run: RunDir) -> None:
                     f"says {new[section][k]!r}; pass --restart to start the run over, or set run.dir to a new folder")
 
 
-def _written_by_path(run: RunDir):
-    return run.checkpoints / "written_by.yaml"
-
-
-def _check_written_by(run: RunDir) -> None:
+def _check_written_by(run: RunDir, log) -> None:
     """Training checkpoints hold Keras-version-specific optimizer state: refuse a cross-version resume."""
-    path = _written_by_path(run)
+    path = run.written_by
     if not path.is_file():
         return
-    info = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        info = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if not isinstance(info, dict):
+            raise ValueError("not a mapping")
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        log(f"{path} is unreadable ({type(exc).__name__}); assuming the checkpoints are from this TensorFlow line")
+        return
     keras_version = str(info.get("keras", ""))
     if keras_version.split(".", 1)[0] != compat.KERAS_VERSION.split(".", 1)[0]:
         raise RunError(
@@ -83,15 +86,54 @@ def _stop_on_signals(state: RunState, echo):
             signal.signal(s, h)
 
 
-def _reset_run(run: RunDir) -> None:
-    for sub in (run.checkpoints, run.exports, run.previews, run.path / "tensorboard"):
-        shutil.rmtree(sub, ignore_errors=True)
-    run.metrics_csv.unlink(missing_ok=True)
+def _check_apart(cfg) -> None:
+    """Runs and training images live in separate folders: a run inside the data folder would train on its
+    own previews, a data folder inside a run would be mixed with its files. Refuse both, naming both."""
+    run_dir, data_dir = Path(cfg.run.dir).resolve(), Path(cfg.data.dir).resolve()
+    if run_dir == data_dir:
+        problem = "are the same folder"
+    elif data_dir in run_dir.parents:
+        problem = "put the run inside the data folder (it would train on its own previews)"
+    elif run_dir in data_dir.parents:
+        problem = "put the data folder inside the run"
+    else:
+        return
+    raise ConfigError(f"run.dir {cfg.run.dir} and data.dir {cfg.data.dir} {problem}; keep them in separate "
+                      "folders, e.g. runs/NAME and data/NAME")
+
+
+def _checkpoint_candidates(run: RunDir, manager) -> list[str]:
+    """Checkpoint prefixes, newest first: those the manager lists, and any complete-looking `ckpt-N.index`
+    on disk (a damaged state file lists none)."""
+    on_disk = [str(p.with_suffix("")) for p in run.checkpoints.glob("ckpt-*.index")]
+    prefixes = {p: int(p.rsplit("-", 1)[1]) for p in [*manager.checkpoints, *on_disk] if p.rsplit("-", 1)[1].isdigit()}
+    return sorted(prefixes, key=prefixes.get, reverse=True)
+
+
+def _restore_newest_loadable(ckpt, candidates: list[str], run: RunDir, log) -> tuple[str | None, list[str]]:
+    """Restore the newest checkpoint that loads; returns (its prefix, the damaged ones skipped)."""
+    skipped = []
+    for prefix in candidates:
+        try:
+            ckpt.restore(prefix).assert_existing_objects_matched()
+        except (tf.errors.OpError, ValueError, AssertionError) as exc:
+            reason = str(getattr(exc, "message", None) or exc).strip().splitlines()[0][:200]
+            skipped.append(f"{Path(prefix).name} ({type(exc).__name__}: {reason})")
+            continue
+        for s in skipped:
+            log(f"skipped the damaged checkpoint {s}; resuming from {Path(prefix).name}")
+        return prefix, skipped
+    if candidates:
+        raise RunError(f"{run.checkpoints}: no checkpoint loads: " + "; ".join(skipped)
+                       + ". Start over with --restart (deletes this run's checkpoints), or set run.dir to a new folder")
+    return None, skipped
 
 
 def train(cfg, *, restart: bool = False, echo=print, progress_factory=None, log=print) -> RunDir:
     """Train (or resume) the run `cfg.run.dir`; returns its RunDir."""
+    _check_apart(cfg)
     run = RunDir(cfg.run.dir)
+    run.claim()  # refuses, untouched, a folder that holds anything but a run
     lock = RunLock(run)
     note = lock.acquire()
     if note:
@@ -104,14 +146,15 @@ def train(cfg, *, restart: bool = False, echo=print, progress_factory=None, log=
 
 def _train_locked(cfg, run: RunDir, restart, echo, progress_factory, log) -> RunDir:
     # --- run directory: resume by default, start over only when asked ----------------------------
-    for p in remove_partial_files(run):
+    for p in run.remove_partial_files():
         log(f"removed {p}, left by an interrupted write")
-    has_checkpoint = tf.train.latest_checkpoint(str(run.checkpoints)) is not None
-    if has_checkpoint and not restart:
-        _check_resume_compatible(run.load_config(), cfg, run)
-        _check_written_by(run)
     if restart:
-        _reset_run(run)
+        removed = run.remove_written()
+        echo(f"--restart: removed {len(removed)} files of the previous run in {run.path} (samples/ is kept)")
+    has_checkpoint = any(run.checkpoints.glob("ckpt-*.index"))
+    if has_checkpoint:
+        _check_resume_compatible(run.load_config(), cfg, run)
+        _check_written_by(run, log)
 
     # --- data --------------------------------------------------------------------------------------
     # The prepare step of `ddpm prepare`: cheap when the cache is fresh (nothing is decoded again).
@@ -136,14 +179,14 @@ def _train_locked(cfg, run: RunDir, restart, echo, progress_factory, log) -> Run
                                ema_updates=model.ema_updates, epoch=state.epoch, batch_in_epoch=state.batch)
     manager = tf.train.CheckpointManager(ckpt, str(run.checkpoints), max_to_keep=cfg.run.keep_last)
     meta = {"config": to_dict(cfg), "tf": compat.TF_VERSION, "keras": compat.KERAS_VERSION}
-    if manager.latest_checkpoint:
-        ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    restored, skipped = _restore_newest_loadable(ckpt, _checkpoint_candidates(run, manager), run, log)
+    if restored:
         step = int(optimizer.iterations.numpy())
-        _sync_exports(run, ema_net, step, meta, state)
+        _sync_exports(run, ema_net, step, meta, state, keep_later=bool(skipped))
         epoch, batch = state.position()
         echo(f"resuming {run.path} from step {step} (epoch {epoch}" + (f", batch {batch})" if batch else ")"))
     run.save_config(cfg)
-    atomic_write_bytes(_written_by_path(run), yaml.safe_dump(
+    atomic_write_bytes(run.written_by, yaml.safe_dump(
         {"tf": compat.TF_VERSION, "keras": compat.KERAS_VERSION}).encode("utf-8"))
     epoch, batch = state.position()
     if epoch >= cfg.train.epochs:
@@ -203,19 +246,17 @@ def _train_locked(cfg, run: RunDir, restart, echo, progress_factory, log) -> Run
     return run
 
 
-def _sync_exports(run: RunDir, ema_net, step: int, meta: dict, state: RunState) -> None:
-    """After a restore: drop exports from after the checkpoint (an abandoned future) and make sure the
-    restored step has its export (a kill between checkpoint and export leaves it missing)."""
+def _sync_exports(run: RunDir, ema_net, step: int, meta: dict, state: RunState, keep_later: bool) -> None:
+    """After a restore: drop exports from after the checkpoint (an abandoned future; but `keep_later` when
+    a damaged newer checkpoint was skipped, whose export may be the best weights there are, replaced as training
+    passes that step again) and make sure the restored step has its export (a kill between checkpoint and
+    export leaves it missing)."""
     for s, path in run.export_paths().items():
-        if s > step:
+        if s > step and not keep_later:
             path.unlink(missing_ok=True)
     if step not in run.export_paths():
         epoch, batch = state.position()
         export_ema(run, ema_net, step, {**meta, "epoch": epoch, "batch_in_epoch": batch})
-
-
-class Interrupted(RuntimeError):
-    """Training stopped cleanly on a signal, after saving."""
 
 
 class _NullBar:

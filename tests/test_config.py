@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ddpm_tf.config import Config, ConfigError, from_dict, load_config, to_dict
+from ddpm_tf.config import Config, from_dict, load_config, to_dict
+from ddpm_tf.errors import ConfigError
 
 
 def test_defaults_round_trip():

@@ -8,7 +8,8 @@ from PIL import Image
 
 from ddpm_tf.cache import ShardedImages
 from ddpm_tf.config import DataConfig
-from ddpm_tf.data import DataError, load_image, make_dataset, to_mode
+from ddpm_tf.data import load_image, make_dataset, to_mode
+from ddpm_tf.errors import DataError
 from ddpm_tf.prepare import prepare
 
 

@@ -10,6 +10,7 @@ from PIL import Image
 
 from ddpm_tf import evaluate, metrics
 from ddpm_tf.compat import KERAS3, keras, tf
+from ddpm_tf.errors import MetricError
 from ddpm_tf.evaluate import (
     INCEPTION_NOTOP_FILE,
     EvalError,
@@ -24,7 +25,7 @@ from ddpm_tf.evaluate import (
 )
 from ddpm_tf.images import save_png
 from ddpm_tf.memorization import flip_images, memorization_report, save_pairs_png
-from ddpm_tf.metrics import MetricError, fid, frechet_distance, kid, mmd2_unbiased, polynomial_kernel
+from ddpm_tf.metrics import fid, frechet_distance, kid, mmd2_unbiased, polynomial_kernel
 
 
 def rotation(d: int, rng) -> np.ndarray:

@@ -14,7 +14,8 @@ from PIL import Image
 
 from ddpm_tf.cli import main
 from ddpm_tf.compat import tf
-from ddpm_tf.runs import RunDir, RunError, load_weights, save_weights
+from ddpm_tf.errors import RunError
+from ddpm_tf.runs import RunDir, load_weights, save_weights
 from ddpm_tf.unet import build_unet
 
 FIXTURES = Path(__file__).parent / "fixtures"

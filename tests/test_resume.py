@@ -127,8 +127,8 @@ def test_kill_terminate_and_resume_exactly(project):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(project, monkeypatch):
     from ddpm_tf import diffusion
-    from ddpm_tf.callbacks import TrainingStopped
     from ddpm_tf.compat import tf
+    from ddpm_tf.errors import TrainingStopped
     from ddpm_tf.train import train
 
     original = diffusion.DiffusionModel.diffusion_loss
@@ -151,7 +151,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(project, monkeypatch)
 def test_full_disk_keeps_the_previous_checkpoint(project, monkeypatch):
     import tensorflow as tf
 
-    from ddpm_tf.callbacks import TrainingStopped
+    from ddpm_tf.errors import TrainingStopped
     from ddpm_tf.train import train
 
     real_save = tf.train.CheckpointManager.save
@@ -171,7 +171,7 @@ def test_full_disk_keeps_the_previous_checkpoint(project, monkeypatch):
 
 
 def test_a_locked_run_is_refused_and_a_stale_lock_taken_over(project):
-    from ddpm_tf.runs import RunError
+    from ddpm_tf.errors import RunError
 
     cfg_path, run = project("locked", train={"epochs": 1, "deterministic": False})
     run.path.mkdir(parents=True)
@@ -191,13 +191,13 @@ def test_a_locked_run_is_refused_and_a_stale_lock_taken_over(project):
 
 
 def test_partial_files_are_removed(project):
-    from ddpm_tf.runs import remove_partial_files
-
     _, run = project("partial")
+    run.claim()
     (run.checkpoints / "ckpt-7_temp").mkdir(parents=True)
-    (run.checkpoints / "ckpt-7_temp" / "part").write_bytes(b"x")
+    (run.checkpoints / "ckpt-7_temp" / "part-00000-of-00001.index").write_bytes(b"x")
     run.exports.mkdir()
-    (run.exports / ".ema-00000007.npz.tmp-123").write_bytes(b"x")
+    (run.exports / ".ema-00000007.npz.tmp-999999999").write_bytes(b"x")  # no process has that id
     (run.exports / "ema-00000005.npz").write_bytes(b"kept")
-    removed = remove_partial_files(run)
+    removed = run.remove_partial_files()
     assert len(removed) == 2 and (run.exports / "ema-00000005.npz").exists()
+    assert not (run.checkpoints / "ckpt-7_temp").exists()
