@@ -10,12 +10,15 @@ Layout of a cache folder:
 
 Writes are atomic and ordered so that a kill at any moment leaves either the old or the new cache:
 new shards get a fresh generation name GEN, cache.json is replaced last (the commit), and the old
-generation is deleted after it. `load_cache` checks the version, the settings, every shard's size,
+generation is deleted after it; shards of a run that fails before its commit are removed again.
+cache.json is ASCII JSON: a file name that is not UTF-8 (lone surrogates in Python) is kept exactly, as
+\\udcNN escapes, so that the next run finds it again. `load_cache` checks the version, the settings, every shard's size,
 header and sha256, and says why it rejects a cache; the caller rebuilds it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -27,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .data import open_regular, shown
+from .errors import DataError
 from .images import atomic_write_bytes
 
 FORMAT = "ddpm_tf prepared images"
@@ -45,12 +50,44 @@ def settings_dict(settings) -> dict:
 
 
 def file_sha256(path: Path, chunk: int = 2**20) -> str:
-    """sha256 of a file's bytes, read in chunks."""
+    """sha256 of a file's bytes, read in chunks (data.NotRegularFile if it is no longer a regular file)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def folder_problem(out: Path, auto: bool, problem: str) -> DataError:
+    """One line naming the cache folder (`auto`: the default one) and what is wrong with it, with the way out."""
+    where = f"data.cache: {shown(str(out))}" + (" (the default, under the working directory)" if auto else "")
+    return DataError(f"{where} {problem}: give a writable folder with --out (ddpm prepare) or data.cache")
+
+
+def check_folder(out: Path, auto: bool) -> bool:
+    """Refuse, before any work, a cache path that is not a folder or cannot be created. Returns whether the
+    folder can be written: an existing read-only cache is still read when nothing in it needs writing."""
+    if os.path.lexists(out) and not out.is_dir():
+        raise folder_problem(out, auto, f"is {'a file' if out.is_file() else 'not a folder'}, expected a folder")
+    base = out
+    while not os.path.lexists(base) and base != base.parent:
+        base = base.parent  # the nearest existing folder: where the cache folder would be created
+    if not base.is_dir():
+        raise folder_problem(out, auto, f"cannot be created: {shown(str(base))} is a file")
+    if os.access(base, os.W_OK | os.X_OK):
+        return True
+    if base == out:
+        return False
+    raise folder_problem(out, auto, f"cannot be created: {shown(str(base))} is not writable")
+
+
+@contextlib.contextmanager
+def writing(out: Path, auto: bool):
+    """An OSError while writing the cache (a full disk, permissions changed since the check) as one clear line."""
+    try:
+        yield
+    except OSError as exc:
+        raise folder_problem(out, auto, f"could not be written ({exc.strerror or type(exc).__name__})") from None
 
 
 class ShardedImages:
@@ -160,9 +197,9 @@ def rows_per_shard(shape: tuple) -> int:
     return max(1, SHARD_BYTES // int(np.prod(shape)))
 
 
-def write_shards(path: Path, count: int, shape: tuple, rows_of) -> list[dict]:
+def write_shards(path: Path, count: int, shape: tuple, rows_of, written: list) -> list[dict]:
     """Write `count` images as new-generation shards; `rows_of(start, stop)` returns those rows. Returns
-    the shard list for the index."""
+    the shard list for the index; each file name is appended to `written` as soon as it exists."""
     generation = uuid.uuid4().hex[:8]
     per = rows_per_shard(shape)
     shards = []
@@ -172,6 +209,7 @@ def write_shards(path: Path, count: int, shape: tuple, rows_of) -> list[dict]:
         np.save(buf, block)
         data = buf.getvalue()
         name = f"images-{generation}-{k:05d}.npy"
+        written.append(name)
         atomic_write_bytes(path / name, data)
         shards.append({"file": name, "rows": len(block), "bytes": len(data),
                        "sha256": hashlib.sha256(data).hexdigest()})
@@ -179,10 +217,13 @@ def write_shards(path: Path, count: int, shape: tuple, rows_of) -> list[dict]:
 
 
 def commit(path: Path, index: dict, manifest: dict) -> None:
-    """Replace cache.json (the commit point), write the manifest, then delete files the index no longer names."""
+    """Replace cache.json (the commit point), write the manifest, then delete files the index no longer names.
+    Both are encoded first, so that nothing can fail for their content after the commit."""
     index = {"format": FORMAT, "version": VERSION, **index}
-    atomic_write_bytes(path / INDEX, json.dumps(index, ensure_ascii=False).encode("utf-8"))
-    atomic_write_bytes(path / MANIFEST, json.dumps(manifest, ensure_ascii=False, indent=1).encode("utf-8"))
+    index_bytes = json.dumps(index).encode("ascii")
+    manifest_bytes = _manifest_bytes(manifest)
+    atomic_write_bytes(path / INDEX, index_bytes)
+    atomic_write_bytes(path / MANIFEST, manifest_bytes)
     keep = {s["file"] for s in index["shards"]}
     for f in path.iterdir():
         if f.name not in keep and OWN_FILES.fullmatch(f.name):
@@ -192,9 +233,28 @@ def commit(path: Path, index: dict, manifest: dict) -> None:
                 pass
 
 
+def discard_uncommitted(path: Path, names: list[str]) -> None:
+    """Delete the files `names` (shards of a failed run) unless the index on disk names them."""
+    try:
+        named = {s["file"] for s in json.loads((Path(path) / INDEX).read_text(encoding="utf-8"))["shards"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        named = set()
+    for name in names:
+        if name not in named:
+            try:
+                (Path(path) / name).unlink(missing_ok=True)
+            except OSError:  # the original failure matters more; OWN_FILES go at the next commit anyway
+                pass
+
+
+def _manifest_bytes(manifest: dict) -> bytes:
+    """The manifest as strict UTF-8 JSON (its strings are already valid Unicode: prepare shows odd names)."""
+    return json.dumps(manifest, ensure_ascii=False, indent=1).encode("utf-8")
+
+
 def write_manifest_only(path: Path, manifest: dict) -> None:
     """The manifest of a folder with no usable image (there is no cache to commit)."""
-    atomic_write_bytes(Path(path) / MANIFEST, json.dumps(manifest, ensure_ascii=False, indent=1).encode("utf-8"))
+    atomic_write_bytes(Path(path) / MANIFEST, _manifest_bytes(manifest))
 
 
 class Staging:

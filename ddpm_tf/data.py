@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import re
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,15 +20,48 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import DataError
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm", ".pnm", ".pbm"}
 
-# Why a file is not used. Decoding decides the first six, prepare.py the rest.
+# Why a file is not used. Decoding decides these seven (the scan may find the last two first), prepare.py the rest.
 NOT_AN_IMAGE = "not-an-image"
 EMPTY = "empty"
 CORRUPT = "truncated-or-corrupt"
 TOO_SMALL = "too-small"
 BOMB = "decompression-bomb"
 UNREADABLE = "unreadable"
+NOT_A_FILE = "not-a-regular-file"
+
+
+class NotRegularFile(OSError):
+    """A path that was a regular file when scanned is now a pipe, device or folder."""
+
+
+def shown(text: str) -> str:
+    """`text` as valid Unicode for JSON and the terminal: each byte of a file name that is not UTF-8 (which
+    Python holds as a lone surrogate, U+DC80..U+DCFF) becomes `\\xNN`, any other lone surrogate `\\uNNNN`."""
+    if not any(0xD800 <= ord(c) <= 0xDFFF for c in text):
+        return text
+    return "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF
+                   else f"\\u{ord(c):04x}" if 0xD800 <= ord(c) <= 0xDFFF else c for c in text)
+
+
+def _nonblocking(path, flags):
+    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
+
+
+def open_regular(path):
+    """Open a file for binary reading, refusing (NotRegularFile) anything but a regular file: a pipe swapped
+    in after the scan would otherwise block the open forever."""
+    f = open(path, "rb", opener=_nonblocking)  # noqa: SIM115 - returned to the caller
+    try:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise NotRegularFile(f"{shown(os.fspath(path))} is not a regular file (a device, socket, pipe or folder)")
+    except BaseException:
+        f.close()
+        raise
+    return f
 
 
 @dataclass(frozen=True)
@@ -69,7 +104,9 @@ def _pixel_limit(max_pixels: int):
 def decode_file(path, settings: DecodeSettings) -> Decoded:
     """Decode one file into a Decoded, mapping every failure to a reason (never raises for a bad file)."""
     try:
-        f = open(path, "rb")  # opened here so that a permission error is told apart from bad content
+        f = open_regular(path)  # opened here so that a permission error is told apart from bad content
+    except NotRegularFile:
+        return Decoded(reason=NOT_A_FILE, detail="a device, socket, pipe or folder")
     except OSError as exc:
         return Decoded(reason=UNREADABLE, detail=exc.strerror or type(exc).__name__)
     with f, _pixel_limit(settings.max_pixels):
@@ -108,6 +145,24 @@ def _decode_open(im: Image.Image, settings: DecodeSettings) -> Decoded:
     except Exception as exc:  # noqa: BLE001 - truncated data, bad chunks, odd modes: the file is at fault
         return Decoded(reason=CORRUPT, detail=f"{type(exc).__name__}: {exc}")
     return Decoded(pixels=x, phash=perceptual_hash(x), face=face)
+
+
+def settings_from_config(data_cfg, draft: bool = True) -> DecodeSettings:
+    """The decode settings of a config's data section (`draft` off only to measure what it saves)."""
+    from PIL import ImageColor
+
+    return DecodeSettings(size=data_cfg.image_size, channels=data_cfg.channels, crop=data_cfg.crop,
+                          background=tuple(ImageColor.getrgb(data_cfg.background)[:3]), min_side=data_cfg.min_side,
+                          max_pixels=data_cfg.max_pixels, draft=draft)
+
+
+def decode_checked(path, data_cfg) -> np.ndarray:
+    """One user file -> (S, S, C) uint8 with every guard of `ddpm prepare` (data.max_pixels read from the
+    header before decoding, data.min_side, ...); DataError naming the file and prepare's reason otherwise."""
+    out = decode_file(path, settings_from_config(data_cfg))
+    if out.pixels is None:
+        raise DataError(f"{shown(os.fspath(path))}: cannot use this image: {out.reason} ({shown(out.detail)})")
+    return out.pixels
 
 
 def load_image(path: Path, size: int, channels: int, min_side: int = 1, crop: str = "center",

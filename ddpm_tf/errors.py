@@ -19,7 +19,7 @@ class ConfigError(UserError, ValueError):
 
 
 class DataError(UserError, ValueError):
-    """The data folder cannot be used at all (missing, or no usable image)."""
+    """The data folder cannot be used at all (missing, or no usable image), or one given image cannot be."""
 
 
 class RunError(UserError, ValueError):

@@ -3,13 +3,20 @@
 Every file under the source folder ends in exactly one row of the manifest: used (with its index in
 the training set) or skipped with a reason. The steps, in order:
 
-1. scan: walk the folder (following folder links, but never into a folder that is its own ancestor),
-   in sorted path order; links that loop or dangle and non-regular files are skipped here;
+1. scan: walk the folder (following folder links, but never into one that contains a folder on the way
+   down, the source's own ancestors included), in sorted path order; links that loop or dangle and
+   non-regular files are skipped here;
 2. hash: sha256 of each candidate's bytes (reused from the cache when size, mtime and path are unchanged);
 3. decode: each distinct content not already in the cache, in parallel processes (data.decode_file);
-4. deduplicate: the first file of each content in path order is kept, later ones are exact duplicates;
-   then near duplicates by perceptual hash (data.near_duplicate_threshold bits of 64);
+4. deduplicate: of each content, a regular file is kept before a link (a file link, or anything reached
+   through a folder link), then the first in path order; the others are exact duplicates; then near
+   duplicates by perceptual hash (data.near_duplicate_threshold bits of 64), in the same preference order;
 5. write: shards, cache.json and manifest.json into the cache folder (cache.py), never under the source.
+   The cache folder is checked (creatable, writable, not a file) before anything is scanned.
+
+File names are kept exactly as the OS gives them (on POSIX a name that is not UTF-8 holds lone surrogates,
+which cache.json stores as JSON \\u escapes); the manifest and the summary show such a name with each
+undecodable byte as \\xNN (`data.shown`), and the manifest row adds `path_bytes`, the exact name in hex.
 
 The decoded results are keyed by content hash and decode settings, so an unchanged folder decodes
 nothing and ten new images decode ten. No TensorFlow here.
@@ -34,14 +41,24 @@ import numpy as np
 from PIL import Image
 
 from . import cache as cache_mod
-from .data import IMAGE_SUFFIXES, NOT_AN_IMAGE, UNREADABLE, Decoded, DecodeSettings, decode_file
+from .data import (
+    IMAGE_SUFFIXES,
+    NOT_A_FILE,
+    NOT_AN_IMAGE,
+    UNREADABLE,
+    Decoded,
+    DecodeSettings,
+    NotRegularFile,
+    decode_file,
+    settings_from_config,
+    shown,
+)
 from .errors import DataError
 
 DUPLICATE = "duplicate"
 NEAR_DUPLICATE = "near-duplicate"
 SYMLINK_LOOP = "symlink-loop"
 BROKEN_LINK = "broken-link"
-NOT_A_FILE = "not-a-regular-file"
 SERIAL_BELOW = 24  # fewer decodes than this run in this process: starting workers costs ~0.5 s each
 THUMB = 16  # near duplicates are confirmed on 16x16 grayscale thumbnails of the decoded images
 
@@ -59,6 +76,7 @@ class FileRecord:
     detail: str = ""
     index: int | None = None
     duplicate_of: str | None = None
+    via_link: bool = False  # a file link, or reached through a folder link: a real file is kept before it
 
 
 @dataclass
@@ -85,18 +103,9 @@ class Prepared:
         """The training set: an in-memory array up to `memory_mb`, else memory-mapped shards."""
         cache, why = cache_mod.load_cache(self.cache_dir, self.settings, verify=False)  # prepare checked it
         if cache is None:
-            raise DataError(f"{self.cache_dir}: the cache changed while in use ({why}); run ddpm prepare again")
+            raise DataError(f"{shown(str(self.cache_dir))}: the cache changed while in use ({why}); run ddpm prepare again")
         reader = cache.images()
         return reader.load() if reader.nbytes <= memory_mb * 2**20 else reader
-
-
-def settings_from_config(data_cfg, draft: bool = True) -> DecodeSettings:
-    """The decode settings of a config's data section (`draft` off only to measure what it saves)."""
-    from PIL import ImageColor
-
-    return DecodeSettings(size=data_cfg.image_size, channels=data_cfg.channels, crop=data_cfg.crop,
-                          background=tuple(ImageColor.getrgb(data_cfg.background)[:3]), min_side=data_cfg.min_side,
-                          max_pixels=data_cfg.max_pixels, draft=draft)
 
 
 def cache_dir_for(src: Path, data_cfg, settings: DecodeSettings) -> Path:
@@ -109,12 +118,26 @@ def cache_dir_for(src: Path, data_cfg, settings: DecodeSettings) -> Path:
     return Path("data") / "cache" / f"{name}-{hashlib.sha256(key.encode('utf-8')).hexdigest()[:12]}"
 
 
+def _encloses(folder: str, chain: tuple) -> bool:
+    """Whether real path `folder` is, or contains, one of the folders on the way down (`chain`)."""
+    prefix = folder.rstrip(os.sep) + os.sep
+    return any(c == folder or c.startswith(prefix) for c in chain)
+
+
+def _loop_detail(full: Path, is_link: bool, real: str) -> str:
+    try:
+        target = os.readlink(full) if is_link else real
+    except OSError:  # replaced since the scan looked at it
+        target = real
+    return f"link to {shown(target)}, a folder containing it" if is_link else f"{shown(real)} contains it"
+
+
 def scan(root: Path) -> list[FileRecord]:
     """Every entry under `root` that is not a folder, in sorted path order; loops, dangling links and
     special files already carry their reason."""
     records: list[FileRecord] = []
 
-    def walk(folder: Path, rel: str, ancestors: frozenset):
+    def walk(folder: Path, rel: str, chain: tuple, linked: bool):
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as exc:
@@ -123,28 +146,32 @@ def scan(root: Path) -> list[FileRecord]:
         for e in entries:
             r, full = f"{rel}/{e.name}" if rel else e.name, folder / e.name
             try:
+                is_link = e.is_symlink()
                 st = os.stat(full)  # follows links
             except OSError as exc:
+                is_link = os.path.islink(full)  # never raises
                 loop = exc.errno == errno.ELOOP
-                reason = (SYMLINK_LOOP if loop else BROKEN_LINK) if e.is_symlink() else UNREADABLE
-                records.append(FileRecord(r, full, reason=reason, detail=exc.strerror or ""))
+                reason = (SYMLINK_LOOP if loop else BROKEN_LINK) if is_link else UNREADABLE
+                records.append(FileRecord(r, full, reason=reason, detail=exc.strerror or "", via_link=True))
                 continue
+            via = linked or is_link
             if stat.S_ISDIR(st.st_mode):
                 real = os.path.realpath(full)
-                if real in ancestors:
-                    records.append(FileRecord(r, full, reason=SYMLINK_LOOP,
-                                              detail=f"link to {os.readlink(full)}, a folder containing it"))
+                if _encloses(real, chain):  # following it would walk a folder already on the way down again
+                    records.append(FileRecord(r, full, reason=SYMLINK_LOOP, detail=_loop_detail(full, is_link, real),
+                                              via_link=via))
                 else:
-                    walk(full, r, ancestors | {real})
+                    walk(full, r, chain + (real,), via)
             elif not stat.S_ISREG(st.st_mode):
-                records.append(FileRecord(r, full, reason=NOT_A_FILE, detail="a device, socket or pipe"))
+                records.append(FileRecord(r, full, reason=NOT_A_FILE, detail="a device, socket or pipe", via_link=via))
             else:
-                rec = FileRecord(r, full, size=st.st_size, mtime_ns=st.st_mtime_ns)
+                rec = FileRecord(r, full, size=st.st_size, mtime_ns=st.st_mtime_ns, via_link=via)
                 if full.suffix.lower() not in IMAGE_SUFFIXES:
-                    rec.reason, rec.detail = NOT_AN_IMAGE, f"extension {full.suffix or '(none)'!r} is not an image's"
+                    rec.reason = NOT_AN_IMAGE
+                    rec.detail = f"extension {shown(full.suffix) or '(none)'!r} is not an image's"
                 records.append(rec)
 
-    walk(root, "", frozenset({os.path.realpath(root)}))
+    walk(root, "", (os.path.realpath(root),), False)
     return records
 
 
@@ -159,6 +186,8 @@ def _hash_files(records: list[FileRecord], old_files: dict) -> None:
             continue
         try:
             rec.sha256 = cache_mod.file_sha256(rec.full)
+        except NotRegularFile:  # replaced by a pipe or device since the scan
+            rec.reason, rec.detail = NOT_A_FILE, "a device, socket, pipe or folder"
         except OSError as exc:
             rec.reason, rec.detail = UNREADABLE, exc.strerror or type(exc).__name__
 
@@ -231,21 +260,26 @@ def _entry(result: Decoded) -> dict:
             "face": result.face, "row": None}
 
 
+def _preferred(records: list[FileRecord]) -> list[FileRecord]:
+    """Records in the order in which one of identical or near-identical contents is kept: regular files before
+    links (a file link, or reached through a folder link), then path order."""
+    return sorted(records, key=lambda r: r.via_link)  # stable: path order within each group
+
+
 def _classify(records: list[FileRecord], entries: dict, threshold: int, max_rms: float) -> None:
-    """Reasons from decoding, then exact and near duplicates (the first in path order is kept), then indices."""
-    first_of: dict[str, str] = {}
+    """Reasons from decoding, then exact and near duplicates (regular files kept before links, then the first in
+    path order), then indices in path order."""
     for rec in records:
-        if rec.reason is not None:
-            continue
-        e = entries[rec.sha256]
-        if e["reason"]:
-            rec.reason, rec.detail = e["reason"], e["detail"]
-        elif rec.sha256 in first_of:
+        if rec.reason is None and entries[rec.sha256]["reason"]:
+            rec.reason, rec.detail = entries[rec.sha256]["reason"], entries[rec.sha256]["detail"]
+    first_of: dict[str, str] = {}
+    for rec in _preferred([r for r in records if r.reason is None]):
+        if rec.sha256 in first_of:
             rec.reason, rec.duplicate_of = DUPLICATE, first_of[rec.sha256]
-            rec.detail = f"same bytes as {rec.duplicate_of}"
+            rec.detail = f"same bytes as {shown(rec.duplicate_of)}"
         else:
             first_of[rec.sha256] = rec.path
-    live = [rec for rec in records if rec.reason is None]
+    live = _preferred([rec for rec in records if rec.reason is None])
     near = near_duplicates([(r.path, int(entries[r.sha256]["phash"], 16),
                              np.frombuffer(bytes.fromhex(entries[r.sha256]["thumb"]), np.uint8)) for r in live],
                            threshold, max_rms)
@@ -253,7 +287,8 @@ def _classify(records: list[FileRecord], entries: dict, threshold: int, max_rms:
         if rec.path in near:
             rec.duplicate_of, bits, rms = near[rec.path]
             rec.reason = NEAR_DUPLICATE
-            rec.detail = f"{bits} of 64 perceptual-hash bits and {rms:.1f} grey levels RMS from {rec.duplicate_of}"
+            rec.detail = (f"{bits} of 64 perceptual-hash bits and {rms:.1f} grey levels RMS from "
+                          f"{shown(rec.duplicate_of)}")
     for i, rec in enumerate(r for r in records if r.reason is None):
         rec.index = i
 
@@ -271,97 +306,122 @@ def prepare(data_cfg, *, echo=print, progress_factory=None, only_changes=False, 
     (with `only_changes`, only when something was decoded or skipped)."""
     src = Path(data_cfg.dir)
     if not src.is_dir():
-        raise DataError(f"data.dir: {src} is not a folder (expected a folder of images)")
+        raise DataError(f"data.dir: {shown(str(src))} is not a folder (expected a folder of images)")
     settings = settings_from_config(data_cfg, draft)
-    out = cache_dir_for(src, data_cfg, settings)
+    out, auto = cache_dir_for(src, data_cfg, settings), data_cfg.cache == "auto"
     _check_outside(out, src)
+    writable = cache_mod.check_folder(out, auto)
     old, why = cache_mod.load_cache(out, settings)
+    if not writable and old is None:
+        raise cache_mod.folder_problem(out, auto, "is not writable, and " + (
+            f"its cache cannot be used ({why})" if why else "holds no cache to read instead"))
     if why:
-        echo(f"cache {out}: not used because {why}; rebuilding it")
+        echo(f"cache {shown(str(out))}: not used because {why}; rebuilding it")
     records = scan(src)
     _hash_files(records, old.files if old else {})
 
     # --- decode each content the cache does not know -----------------------------------------------
     entries = dict(old.entries) if old else {}
     first_path = {}
-    for rec in records:
+    for rec in _preferred(records):
         if rec.reason is None:
             first_path.setdefault(rec.sha256, rec.full)
     todo = [(h, p) for h, p in first_path.items() if h not in entries]
+    if not writable and todo:
+        raise cache_mod.folder_problem(out, auto, f"is not writable, and {len(todo)} new or changed files need decoding")
     result = Prepared(out, out / cache_mod.MANIFEST, records, settings, rebuilt=why,
                       reused=len(first_path) - len(todo))
     shape = (settings.size, settings.size, settings.channels)
-    staged = cache_mod.Staging(out, len(todo), shape)
-    bar = progress_factory(total=len(todo), desc="decode") if progress_factory and len(todo) >= SERIAL_BELOW else None
-    for h, decoded in decode_all(todo, settings, data_cfg.workers, bar):
-        entries[h] = _entry(decoded)
-        staged.put(h, decoded.pixels)
-    bar and bar.close()
-    result.decoded = len(todo)
-    _classify(records, entries, data_cfg.near_duplicate_threshold, data_cfg.near_duplicate_rms)
-    used = [rec.sha256 for rec in records if rec.reason is None]
+    with cache_mod.writing(out, auto):
+        staged = cache_mod.Staging(out, len(todo), shape)
+    try:  # the staging file (of a large first run) goes whatever happens
+        bar = progress_factory(total=len(todo), desc="decode") if progress_factory and len(todo) >= SERIAL_BELOW \
+            else None
+        for h, decoded in decode_all(todo, settings, data_cfg.workers, bar):
+            entries[h] = _entry(decoded)
+            staged.put(h, decoded.pixels)
+        bar and bar.close()
+        result.decoded = len(todo)
+        _classify(records, entries, data_cfg.near_duplicate_threshold, data_cfg.near_duplicate_rms)
+        used = [rec.sha256 for rec in records if rec.reason is None]
 
-    # --- contents used now whose pixels were never kept (earlier near duplicates): decode them too ---
-    old_rows = {h: e["row"] for h, e in (old.entries.items() if old else ()) if e.get("row") is not None}
-    missing = [(h, first_path[h]) for h in used if h not in staged and h not in old_rows]
-    for h, decoded in decode_all(missing, settings, 1):
-        staged.put(h, decoded.pixels)
-    result.decoded += len(missing)
-    result.faces = Counter(entries[h]["face"] for h in used) if settings.crop == "face" else Counter()
+        # --- contents used now whose pixels were never kept (earlier near duplicates): decode them too ---
+        old_rows = {h: e["row"] for h, e in (old.entries.items() if old else ()) if e.get("row") is not None}
+        missing = [(h, first_path[h]) for h in used if h not in staged and h not in old_rows]
+        for h, decoded in decode_all(missing, settings, 1):
+            staged.put(h, decoded.pixels)
+        result.decoded += len(missing)
+        result.faces = Counter(entries[h]["face"] for h in used) if settings.crop == "face" else Counter()
 
-    manifest = _manifest(src, out, settings, records)
-    if not used:
-        out.mkdir(parents=True, exist_ok=True)
-        cache_mod.write_manifest_only(out, manifest)
+        manifest = _manifest(src, out, settings, records)
+        with cache_mod.writing(out, auto):
+            if not used:
+                out.mkdir(parents=True, exist_ok=True)
+                cache_mod.write_manifest_only(out, manifest)
+            else:
+                _write(out, old, used, old_rows, staged, entries, records, settings, manifest)
+    finally:
         staged.close()
+    if not used:
         echo(summary(result))
-        raise DataError(f"data.dir: no usable image under {src} ({len(records)} files; reasons above and in "
-                        f"{result.manifest})")
-    _write(out, old, used, old_rows, staged, entries, records, settings, manifest)
+        raise DataError(f"data.dir: no usable image under {shown(str(src))} ({len(records)} files; reasons above and "
+                        f"in {shown(str(result.manifest))})")
     if not only_changes or result.decoded or result.count < len(records):
         echo(summary(result))
     return result
 
 
 def _write(out, old, used, old_rows, staged, entries, records, settings, manifest) -> None:
-    """New shards unless the training set is unchanged, then the index and the manifest (cache.commit)."""
+    """New shards unless the training set is unchanged, then the index and the manifest (cache.commit); the
+    shards of this run are removed again if anything fails before the index names them."""
     shape = (settings.size, settings.size, settings.channels)
     out.mkdir(parents=True, exist_ok=True)
-    if old is not None and old.used == used:
-        shards = old.index["shards"]
-    else:
-        reader = old.images() if old is not None else None
+    written: list[str] = []
+    try:
+        if old is not None and old.used == used:
+            shards = old.index["shards"]
+        else:
+            reader = old.images() if old is not None else None
 
-        def rows_of(start, stop):
-            block = np.empty((stop - start,) + shape, np.uint8)
-            for j, h in enumerate(used[start:stop]):
-                block[j] = staged.get(h) if h in staged else reader.take([old_rows[h]])[0]
-            return block
+            def rows_of(start, stop):
+                block = np.empty((stop - start,) + shape, np.uint8)
+                for j, h in enumerate(used[start:stop]):
+                    block[j] = staged.get(h) if h in staged else reader.take([old_rows[h]])[0]
+                return block
 
-        shards = cache_mod.write_shards(out, len(used), shape, rows_of)
-        del reader
-    staged.close()
-    present = {rec.sha256 for rec in records if rec.sha256}
-    kept = {h: {**e, "row": None} for h, e in entries.items() if h in present}
-    for i, h in enumerate(used):
-        kept[h]["row"] = i
-    files = {rec.path: {"size": rec.size, "mtime_ns": rec.mtime_ns, "sha256": rec.sha256}
-             for rec in records if rec.sha256}
-    index = {"settings": cache_mod.settings_dict(settings), "source": manifest["source"], "shape": list(shape),
-             "count": len(used), "shards": shards, "entries": kept, "files": files}
-    if old is not None and {k: old.index.get(k) for k in index} == index:
-        return  # nothing changed: nothing written
-    cache_mod.commit(out, index, manifest)
+            shards = cache_mod.write_shards(out, len(used), shape, rows_of, written)
+            del reader
+        staged.close()
+        present = {rec.sha256 for rec in records if rec.sha256}
+        kept = {h: {**e, "row": None} for h, e in entries.items() if h in present}
+        for i, h in enumerate(used):
+            kept[h]["row"] = i
+        files = {rec.path: {"size": rec.size, "mtime_ns": rec.mtime_ns, "sha256": rec.sha256}
+                 for rec in records if rec.sha256}
+        index = {"settings": cache_mod.settings_dict(settings), "source": manifest["source"], "shape": list(shape),
+                 "count": len(used), "shards": shards, "entries": kept, "files": files}
+        if old is not None and {k: old.index.get(k) for k in index} == index:
+            return  # nothing changed: nothing written
+        cache_mod.commit(out, index, manifest)
+    except BaseException:
+        cache_mod.discard_uncommitted(out, written)
+        raise
 
 
 def _manifest(src: Path, out: Path, settings: DecodeSettings, records: list[FileRecord]) -> dict:
-    """The manifest: one row per file, and the counts per status."""
-    rows = [{"path": r.path, "sha256": r.sha256, "status": "used" if r.reason is None else "skipped",
-             "reason": r.reason, "detail": r.detail, "index": r.index, "duplicate_of": r.duplicate_of}
-            for r in records]
+    """The manifest: one row per file, and the counts per status. Every string is valid Unicode (`shown`);
+    a name that is not UTF-8 also gets `path_bytes`, its exact bytes in hex."""
+    rows = []
+    for r in records:
+        row = {"path": shown(r.path), "sha256": r.sha256, "status": "used" if r.reason is None else "skipped",
+               "reason": r.reason, "detail": shown(r.detail), "index": r.index,
+               "duplicate_of": None if r.duplicate_of is None else shown(r.duplicate_of)}
+        if row["path"] != r.path:
+            row["path_bytes"] = os.fsencode(r.path).hex()
+        rows.append(row)
     counts = Counter(r.reason or "used" for r in records)
-    return {"source": str(src.resolve()), "cache": str(out.resolve()), "settings": cache_mod.settings_dict(settings),
-            "counts": dict(sorted(counts.items())), "files": rows}
+    return {"source": shown(str(src.resolve())), "cache": shown(str(out.resolve())),
+            "settings": cache_mod.settings_dict(settings), "counts": dict(sorted(counts.items())), "files": rows}
 
 
 REASON_ORDER = ("used", DUPLICATE, NEAR_DUPLICATE, "too-small", "not-an-image", "empty", "truncated-or-corrupt",
@@ -375,7 +435,7 @@ def summary(result: Prepared, examples: int = 3, width: int = 110) -> str:
     s = result.settings
     kind = {1: "grayscale", 3: "RGB"}[s.channels]
     reasons = result.reasons()
-    lines = [f"prepared {len(result.files)} files -> {result.cache_dir}",
+    lines = [f"prepared {len(result.files)} files -> {shown(str(result.cache_dir))}",
              f"  {s.size}x{s.size} {kind}, crop {s.crop}: {reasons['used']} used, decoded {result.decoded} "
              f"(and {result.reused} from the cache)"]
     for reason in sorted(reasons, key=lambda r: (REASON_ORDER + (r,)).index(r)):
@@ -383,12 +443,12 @@ def summary(result: Prepared, examples: int = 3, width: int = 110) -> str:
             lines.append(f"  {'used':<22}{reasons[reason]:>6}")
             continue
         recs = [r for r in result.files if r.reason == reason]
-        shown = ", ".join(r.path + (f" ({r.detail})" if i == 0 and r.detail else "")
+        names = ", ".join(shown(r.path) + (f" ({shown(r.detail)})" if i == 0 and r.detail else "")
                           for i, r in enumerate(recs[:examples]))
         more = f" (+{len(recs) - examples} more)" if len(recs) > examples else ""
-        line = f"  {reason:<22}{len(recs):>6}  {shown}"
+        line = f"  {reason:<22}{len(recs):>6}  {names}"
         lines.append((line[:width - len(more) - 3] + "..." if len(line) + len(more) > width else line) + more)
     for note, n in sorted(result.faces.items()):
         lines.append(f"  face crop: {n} images {FACE_NOTES.get(note, note)}")
-    lines.append(f"  manifest: {result.manifest}")
+    lines.append(f"  manifest: {shown(str(result.manifest))}")
     return "\n".join(lines)

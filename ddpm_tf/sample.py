@@ -217,21 +217,14 @@ def img2img(run_dir: Path | None, image: Path, *, strength: float = 0.5, seed: i
             overwrite: bool = False, echo=print) -> Path:
     """SDEdit (Meng et al. 2021): noise an image to the timestep matching `strength` (0: unchanged, 1: pure
     noise) and denoise it with DDIM. Writes the input and the result side by side. Returns its path."""
-    from PIL import ImageColor
-
-    from .data import load_image
+    from .data import decode_checked
 
     run, cfg, net, step = load_run(run_dir, runs_root, checkpoint)
-    size, channels = cfg.data.image_size, cfg.data.channels
     outputs = Outputs(out, run.samples, f"img2img-{Path(image).stem}-s{strength:g}-seed{seed}.png",
                       companions=lambda result: [result.with_name(result.stem + "-pair.png")],
                       inputs=[image], overwrite=overwrite)
     outputs.check()  # before decoding and denoising; an output never replaces the input photo
-    try:
-        background = ImageColor.getrgb(cfg.data.background)[:3]
-        source = load_image(Path(image), size, channels, crop=cfg.data.crop, background=background)
-    except (OSError, ValueError) as exc:
-        raise RunError(f"{image}: cannot use this image ({exc})") from None
+    source = decode_checked(Path(image), cfg.data)  # every guard of ddpm prepare (max_pixels, min_side): DataError
     smp = build_sampler(net, cfg, name="ddim", steps=steps or cfg.sample.steps or None)
     # Start at the first visited timestep at or below strength * (T - 1); none (strength 0): no change.
     later = np.nonzero(smp.timesteps <= strength * (smp.schedule.timesteps - 1))[0] if strength > 0 else []

@@ -100,9 +100,9 @@ def tree_hash(root: Path) -> str:
         for name in sorted(dirnames + filenames):
             p = Path(dirpath) / name
             st = os.lstat(p)
-            h.update(f"{p.relative_to(root)}|{st.st_mode:o}|{st.st_size}|{st.st_mtime_ns}".encode())
+            h.update(os.fsencode(f"{p.relative_to(root)}|{st.st_mode:o}|{st.st_size}|{st.st_mtime_ns}"))
             if os.path.islink(p):
-                h.update(os.readlink(p).encode())
+                h.update(os.fsencode(os.readlink(p)))
             elif p.is_file():
                 h.update(p.read_bytes())
     return h.hexdigest()
@@ -372,3 +372,208 @@ def test_out_folder_keeps_files_it_did_not_write(tmp_path):
     names = sorted(p.name for p in out.iterdir())
     assert "images-2023.jpg" in names and not any(".tmp-" in n for n in names)
     assert len([n for n in names if n.endswith(".npy")]) == 1
+
+
+# --- issue 11: odd names, links, special files, the cache folder, one decoder for one file ------------------
+
+needs_byte_names = pytest.mark.skipif(sys.platform in ("win32", "darwin"), reason="names must be valid Unicode there")
+
+
+@needs_byte_names
+def test_names_that_are_not_utf8_are_used_and_shown(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "cache"
+    src.mkdir()
+    Image.fromarray(pattern(1)).save(os.fsdecode(bytes(src) + b"/caf\xe9.png"))
+    (src / os.fsdecode(b"z\xff.png")).write_bytes((src / os.fsdecode(b"caf\xe9.png")).read_bytes())
+    (src / os.fsdecode(b"\xfe.txt")).write_bytes(b"notes")
+    Image.fromarray(pattern(2)).save(src / "plain.png")
+    before = tree_hash(src)
+    args = ["prepare", str(src), "--size", str(SIZE), "--out", str(out), "--set", "data.min_side=10"]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "caf\\xe9.png" in result.output and "z\\xff.png (same bytes as caf\\xe9.png)" in result.output
+    manifest = json.loads((out / MANIFEST).read_bytes().decode("utf-8"))  # strict UTF-8 JSON
+    rows = {r["path"]: r for r in manifest["files"]}
+    assert set(rows) == {"caf\\xe9.png", "plain.png", "z\\xff.png", "\\xfe.txt"}
+    assert bytes.fromhex(rows["caf\\xe9.png"]["path_bytes"]) == b"caf\xe9.png" and "path_bytes" not in rows["plain.png"]
+    assert rows["caf\\xe9.png"]["status"] == "used" and rows["z\\xff.png"]["duplicate_of"] == "caf\\xe9.png"
+    assert rows["\\xfe.txt"]["reason"] == data.NOT_AN_IMAGE
+    assert tree_hash(src) == before
+    again = prepare.prepare(cfg_for(src, out), echo=lambda s: None)  # the odd names are found again by their bytes
+    assert again.decoded == 0 and again.count == 2
+    assert len(list(out.glob("images-*.npy"))) == 1
+
+
+def test_a_failed_write_leaves_the_old_cache_and_no_orphan_shard(tmp_path, monkeypatch):
+    from ddpm_tf import cache as cache_mod
+
+    src, out = tmp_path / "src", tmp_path / "cache"
+    src.mkdir()
+    Image.fromarray(pattern(1)).save(src / "a.png")
+    real_write = cache_mod.atomic_write_bytes
+
+    def disk_full_at_the_index(path, payload):
+        if Path(path).name == INDEX:
+            raise OSError(28, "No space left on device")
+        return real_write(path, payload)
+
+    monkeypatch.setattr(cache_mod, "atomic_write_bytes", disk_full_at_the_index)
+    result = CliRunner().invoke(main, ["prepare", str(src), "--size", str(SIZE), "--out", str(out)],
+                                catch_exceptions=False)
+    assert result.exit_code == 1 and "No space left on device" in result.output and str(out) in result.output
+    assert not list(out.glob("images-*")) and not list(out.glob(".*"))
+    monkeypatch.setattr(cache_mod, "atomic_write_bytes", real_write)
+    first = prepare.prepare(cfg_for(src, out), echo=lambda s: None)
+    shards = sorted(p.name for p in out.glob("images-*.npy"))
+    Image.fromarray(pattern(2)).save(src / "b.png")  # a new training set: a new generation of shards
+    monkeypatch.setattr(cache_mod, "atomic_write_bytes", disk_full_at_the_index)
+    with pytest.raises(data.DataError, match="could not be written"):
+        prepare.prepare(cfg_for(src, out), echo=lambda s: None)
+    assert sorted(p.name for p in out.glob("images-*.npy")) == shards  # the old cache, whole and alone
+    monkeypatch.setattr(cache_mod, "atomic_write_bytes", real_write)
+    assert np.array_equal(first.images(), prepare.prepare(cfg_for(src, out), echo=lambda s: None).images()[:1])
+
+
+def test_folder_links_to_an_ancestor_are_loops(tmp_path):
+    top = tmp_path / "top"
+    src = top / "photos"
+    (src / "sub").mkdir(parents=True)
+    Image.fromarray(pattern(1)).save(src / "a.png")
+    Image.fromarray(pattern(2)).save(top / "outside_the_source.png")  # never scanned: the links loop
+    links = {"up": "..", "sub/upup": "../..", "abs_parent": str(top), "abs_self": str(src), "root": "/",
+             "chain_a": "chain_b", "chain_b": "sub/upup"}
+    for name, target in links.items():
+        os.symlink(target, src / name)
+    os.symlink(src / "sub", src / "alias")  # a folder link that does not loop: followed
+    result = CliRunner().invoke(main, ["prepare", str(src), "--size", str(SIZE), "--out", str(tmp_path / "c"),
+                                       "--set", "data.min_side=10"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    rows = manifest_of(tmp_path / "c")
+    assert {p: r["reason"] for p, r in rows.items()} == {"a.png": None, **dict.fromkeys(
+        ["up", "sub/upup", "alias/upup", "abs_parent", "abs_self", "root", "chain_a", "chain_b"], prepare.SYMLINK_LOOP)}
+    assert rows["up"]["detail"] == "link to .., a folder containing it"
+
+
+def test_links_to_files_outside_devices_and_pipes(tmp_path):
+    src, outside = tmp_path / "src", tmp_path / "outside"
+    src.mkdir()
+    outside.mkdir()
+    Image.fromarray(pattern(1)).save(outside / "elsewhere.png")
+    os.symlink(outside / "elsewhere.png", src / "linked.png")
+    os.symlink("/dev/zero", src / "zero.png")
+    os.mkfifo(src / "pipe.png")
+    before = tree_hash(outside)
+    result = prepare.prepare(cfg_for(src, tmp_path / "c"), echo=lambda s: None)
+    assert {r.path: r.reason for r in result.files} == {"linked.png": None, "pipe.png": prepare.NOT_A_FILE,
+                                                        "zero.png": prepare.NOT_A_FILE}
+    assert tree_hash(outside) == before
+
+
+def test_a_file_that_changes_between_scan_and_decode(tmp_path, monkeypatch):
+    # Scanned as regular files; then one becomes a pipe (a plain open would block forever) and one
+    # unreadable before its decode (hashing read it): each is skipped with its reason.
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, name in enumerate(("ok.png", "piped.png", "locked.png")):
+        Image.fromarray(pattern(i)).save(src / name)
+    real_scan, real_open, locked = prepare.scan, builtins.open, str(src / "locked.png")
+    opened = []
+
+    def scan_then_swap(root):
+        records = real_scan(root)
+        (src / "piped.png").unlink()
+        os.mkfifo(src / "piped.png")
+        return records
+
+    def open_once(file, *args, **kwargs):  # readable for the hash, not for the decode
+        opened.append(str(file))
+        if str(file) == locked and opened.count(locked) > 1:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(prepare, "scan", scan_then_swap)
+    monkeypatch.setattr(builtins, "open", open_once)
+    result = prepare.prepare(cfg_for(src, tmp_path / "c"), echo=lambda s: None)
+    assert {r.path: (r.reason, r.detail) for r in result.files} == {
+        "ok.png": (None, ""), "piped.png": (prepare.NOT_A_FILE, "a device, socket, pipe or folder"),
+        "locked.png": (data.UNREADABLE, "Permission denied")}
+
+
+def test_a_real_file_is_kept_before_a_link_to_the_same_image(tmp_path):
+    src, elsewhere = tmp_path / "src", tmp_path / "elsewhere"
+    (src / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    Image.fromarray(pattern(5)).save(src / "plain.jpg", quality=95)
+    os.symlink("plain.jpg", src / "link_to_plain.jpg")  # sorts first
+    Image.fromarray(pattern(2)).save(src / "sub" / "x.png")
+    os.symlink("sub", src / "alias")  # alias/x.png sorts before sub/x.png
+    Image.fromarray(pattern(1)).save(src / "b_real.png")
+    Image.fromarray(pattern(1)).save(elsewhere / "copy.jpg", quality=80)  # 4 hash bits, 3 grey levels away
+    os.symlink(elsewhere / "copy.jpg", src / "a_near_link.jpg")  # a near duplicate that sorts first
+    result = prepare.prepare(cfg_for(src, tmp_path / "c"), echo=lambda s: None)
+    rows = {r.path: (r.reason, r.duplicate_of) for r in result.files}
+    assert rows == {"plain.jpg": (None, None), "link_to_plain.jpg": (prepare.DUPLICATE, "plain.jpg"),
+                    "sub/x.png": (None, None), "alias/x.png": (prepare.DUPLICATE, "sub/x.png"),
+                    "b_real.png": (None, None), "a_near_link.jpg": (prepare.NEAR_DUPLICATE, "b_real.png")}
+    assert [r.index for r in result.files if r.reason is None] == [0, 1, 2]  # indices stay in path order
+
+
+def test_cache_folder_problems_are_one_line_before_any_work(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(pattern(1)).save(src / "a.png")
+    real_scan = prepare.scan
+    monkeypatch.setattr(prepare, "scan", lambda root: pytest.fail("scanned before the cache folder was checked"))
+
+    def run(*args):
+        result = CliRunner().invoke(main, ["prepare", str(src), "--size", str(SIZE), *args], catch_exceptions=False)
+        assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+        assert "--out" in result.output and "data.cache" in result.output
+        return result.output
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    (work / "data").write_text("a file where the default cache would go", encoding="utf-8")
+    assert "data/cache/src-" in run() and "data is a file" in run()
+    (work / "data").unlink()
+    real_access = os.access
+    read_only = {str(work), "."}  # root writes anywhere: chmod cannot make a folder read-only for this test
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: (str(p) not in read_only or not mode & os.W_OK)
+                        and real_access(p, mode))
+    assert "cannot be created" in run() and "is not writable" in run()
+    assert not (work / "data").exists()
+    (tmp_path / "notes.txt").write_text("a user's file", encoding="utf-8")
+    assert "is a file, expected a folder" in run("--set", f"data.cache={tmp_path / 'notes.txt'}")
+    assert (tmp_path / "notes.txt").read_text(encoding="utf-8") == "a user's file"
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    read_only.add(str(cache))
+    assert "is not writable, and holds no cache" in run("--out", str(cache))
+    # A sound read-only cache is still read while nothing needs writing.
+    read_only.discard(str(cache))
+    monkeypatch.setattr(prepare, "scan", real_scan)
+    prepare.prepare(cfg_for(src, cache), echo=lambda s: None)
+    read_only.add(str(cache))
+    assert prepare.prepare(cfg_for(src, cache), echo=lambda s: None).decoded == 0
+    Image.fromarray(pattern(2)).save(src / "b.png")
+    assert "its cache cannot be used (it was made with other settings (min_side differ))" in run("--out", str(cache))
+    assert "1 new or changed files need decoding" in run("--out", str(cache), "--set", "data.min_side=10")
+
+
+def test_one_file_is_decoded_with_every_guard_of_prepare(corpus, tmp_path):
+    src, expect = corpus
+    out = tmp_path / "cache"
+    cfg = cfg_for(src, out, max_pixels=50_000_000)
+    prepared = prepare.prepare(cfg, echo=lambda s: None)
+    images = prepared.images()
+    decoded_reasons = {data.EMPTY, data.CORRUPT, data.TOO_SMALL, data.BOMB, data.NOT_AN_IMAGE}
+    for rec in prepared.files:
+        if rec.reason is None:
+            assert np.array_equal(data.decode_checked(rec.full, cfg), images[rec.index]), rec.path
+        elif rec.reason in decoded_reasons and rec.full.suffix != ".txt":
+            with pytest.raises(data.DataError) as err:
+                data.decode_checked(rec.full, cfg)
+            assert str(err.value) == f"{rec.full}: cannot use this image: {rec.reason} ({rec.detail})"
+    with pytest.raises(data.DataError, match="data.max_pixels = 50,000,000"):
+        data.decode_checked(src / "bomb.png", cfg)

@@ -97,6 +97,23 @@ def test_img2img_bad_image(run_dir, tmp_path):
     assert result.exit_code == 1 and "bad.png" in result.output
 
 
+def test_img2img_applies_the_runs_data_guards(run_dir, tmp_path):
+    # The same checks and reasons as ddpm prepare: data.max_pixels from the header, data.min_side (16 here).
+    config = run_dir / "config.yaml"
+    config.write_text(config.read_text(encoding="utf-8").replace("min_side: 16,", "min_side: 16, max_pixels: 300,"),
+                      encoding="utf-8")
+    rng = np.random.default_rng(0)
+    for name, side in (("small.png", 12), ("big.png", 20), ("fine.png", 16)):
+        Image.fromarray((rng.random((side, side, 3)) * 255).astype(np.uint8)).save(tmp_path / name)
+    result = invoke("img2img", tmp_path / "small.png", "--run", run_dir)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "small.png: cannot use this image: too-small (12x12, data.min_side is 16)" in result.output
+    result = invoke("img2img", tmp_path / "big.png", "--run", run_dir)
+    assert result.exit_code == 1 and "decompression-bomb (20x20 is more than data.max_pixels = 300)" in result.output
+    result = invoke("img2img", tmp_path / "fine.png", "--run", run_dir, "--strength", 0, "--out", tmp_path / "o.png")
+    assert result.exit_code == 0, result.output
+
+
 def test_a_run_without_weights_is_a_clear_error(run_dir):
     for p in (run_dir / "exports").iterdir():
         p.unlink()
