@@ -88,6 +88,17 @@ class StateTracker(keras.callbacks.Callback):
             state.batch.assign(0)
 
 
+class Heartbeat(keras.callbacks.Callback):
+    """Tells the stall watchdog (watchdog.Watchdog) that a step finished."""
+
+    def __init__(self, watchdog):
+        super().__init__()
+        self.watchdog = watchdog
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.watchdog.beat()
+
+
 class Progress(keras.callbacks.Callback):
     """A tqdm bar over all remaining steps with loss, images per second and ETA."""
 

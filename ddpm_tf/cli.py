@@ -168,8 +168,11 @@ Examples:
               help="DDIM noise: 0 deterministic, 1 DDPM-like. [default: sample.eta]")
 @click.option("--spacing", type=click.Choice(["linspace", "trailing"]), default=None,
               help="Which timesteps a short sampler visits. [default: sample.spacing]")
+@click.option("--stall-timeout", type=click.FloatRange(0.0, 604800.0), default=None, metavar="SECONDS",
+              help="Warn with every thread's stack when no sampler step finishes for this long (0: off). "
+                   "[default: the run's run.stall_timeout]")
 def sample(run_dir, runs_root, out, overwrite, checkpoint, n, seed, seeds_text, batch_size, sampler, steps, eta,
-           spacing):
+           spacing, stall_timeout):
     """Generate images with a trained run's EMA weights: a near-square grid and one PNG per image.
 
     Each PNG records its run, step, sampler, steps and seed in PNG text metadata.
@@ -180,7 +183,8 @@ def sample(run_dir, runs_root, out, overwrite, checkpoint, n, seed, seeds_text, 
 
     grid = _user_errors(run_sample, run_dir, runs_root=runs_root, n=n, seed=seed, seeds=seeds,
                         batch_size=batch_size, out=out, overwrite=overwrite, checkpoint=checkpoint, sampler=sampler,
-                        steps=steps, eta=eta, spacing=spacing, echo=click.echo, progress_factory=_progress)
+                        steps=steps, eta=eta, spacing=spacing, stall_timeout=stall_timeout, echo=click.echo,
+                        progress_factory=_progress)
     click.echo(str(grid))
 
 

@@ -27,6 +27,9 @@ class RunConfig:
     preview_n: int = _spec(16, lo=1, hi=256, help="images in a preview grid")
     preview_seed: int = _spec(1234, lo=0, help="fixed seed of the preview grid, so the same faces form")
     tensorboard: bool = _spec(True, help="write TensorBoard logs to RUN/tensorboard")
+    stall_timeout: float = _spec(900.0, lo=0.0, hi=604800.0,
+                                 help="seconds without a finished train step or sampler chunk before a warning "
+                                      "with every thread's stack (0: off; the first, which compiles, gets 4x)")
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from .runs import RunDir, find_latest_run, load_weights
 from .samplers import DEFAULT_STEPS, SAMPLERS, initial_noise, reverse_steps, sampler_timesteps
 from .schedule import Schedule
 from .unet import build_unet
+from .watchdog import Watchdog
 
 
 class Sampler:
@@ -97,24 +98,26 @@ def build_sampler(net, cfg, **overrides) -> Sampler:
 
 
 def sample_seeds(sampler, seeds, image_shape, batch_size: int, progress_factory=None, echo=print,
-                 desc: str | None = None) -> np.ndarray:
-    """uint8 images, one per seed, in batches, with a progress bar over all their sampler steps."""
+                 desc: str | None = None, beat=None) -> np.ndarray:
+    """uint8 images, one per seed, in batches, with a progress bar over all their sampler steps; `beat(n)`
+    (a stall watchdog's) is called with the steps of every finished chunk."""
     total = sampler.num_steps * -(-len(seeds) // batch_size)
     bar = progress_factory(total=total, desc=desc) if progress_factory else None
+    hooks = [h for h in (bar.update if bar else None, beat) if h is not None]
     try:
-        return _run_batches(sampler, seeds, image_shape, batch_size, bar, echo)
+        return _run_batches(sampler, seeds, image_shape, batch_size, lambda n: [h(n) for h in hooks], echo)
     finally:
         if bar is not None:
             bar.close()
 
 
-def _run_batches(sampler, seeds, image_shape, batch_size: int, bar, echo) -> np.ndarray:
+def _run_batches(sampler, seeds, image_shape, batch_size: int, progress, echo) -> np.ndarray:
     """Sample all seeds in batches; a batch that does not fit in memory is split in two and retried."""
     images, lo = [], 0
     while lo < len(seeds):
         batch = seeds[lo:lo + batch_size]
         try:
-            x = sampler(batch, image_shape, progress=bar.update if bar else None)
+            x = sampler(batch, image_shape, progress=progress)
         except tf.errors.ResourceExhaustedError:
             if batch_size == 1:
                 raise
@@ -130,7 +133,8 @@ def sample(run_dir: Path | None = None, *, runs_root: Path = Path("runs"), n: in
            seed: int | None = None, seeds: list[int] | None = None, batch_size: int | None = None,
            out: Path | None = None, checkpoint: int | None = None, sampler: str | None = None,
            steps: int | None = None, eta: float | None = None, spacing: str | None = None,
-           overwrite: bool = False, echo=print, progress_factory=None) -> Path:
+           overwrite: bool = False, stall_timeout: float | None = None, echo=print,
+           progress_factory=None) -> Path:
     """Generate images from a run's EMA weights; write a grid PNG and one PNG per image. Returns the grid path.
 
     Image i gets seed `seed + i`, or the i-th of `seeds`: the same seed gives the same image whatever the
@@ -153,7 +157,10 @@ def sample(run_dir: Path | None = None, *, runs_root: Path = Path("runs"), n: in
     outputs.check()  # before the sampling, not after it
     echo(f"sampling {n} images from {run.path} (step {step}, {smp.name}, {smp.num_steps} steps)")
 
-    images = sample_seeds(smp, seeds, (size, size, channels), batch_size, progress_factory, echo)
+    stall_timeout = cfg.run.stall_timeout if stall_timeout is None else stall_timeout
+    with Watchdog(stall_timeout, "sample", "sampler step") as watchdog:
+        images = sample_seeds(smp, seeds, (size, size, channels), batch_size, progress_factory, echo,
+                              beat=watchdog.beat)
     meta = {"ddpm_tf:run": str(run.path), "ddpm_tf:step": step, "ddpm_tf:sampler": smp.name,
             "ddpm_tf:steps": smp.num_steps, "ddpm_tf:spacing": spacing or cfg.sample.spacing}
     if smp.name == "ddim":

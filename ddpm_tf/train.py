@@ -13,6 +13,7 @@ from . import compat
 from .callbacks import (
     Checkpointer,
     Evaluate,
+    Heartbeat,
     Logger,
     Preview,
     Progress,
@@ -30,6 +31,7 @@ from .images import atomic_write_bytes
 from .prepare import prepare
 from .runs import RunDir, RunLock
 from .sample import sampler_from_config
+from .watchdog import Watchdog
 
 # Keys whose change makes an old checkpoint meaningless for a new config.
 _FROZEN_KEYS = ("model", "diffusion", "data.image_size", "data.channels", "train.precision")
@@ -206,6 +208,9 @@ def _train_locked(cfg, run: RunDir, restart, echo, progress_factory, log) -> Run
     callbacks = [StateTracker(state), progress, Logger(run, state, progress, writer, cfg.train), checkpointer,
                  Preview(run, state, preview_sampler, preview_seeds, (size, size, channels),
                          cfg.run.preview_every, writer)]
+    # Every finished step beats the stall watchdog (run.stall_timeout), which watches the fit below.
+    watchdog = Watchdog(cfg.run.stall_timeout, "train", "step", start=int(optimizer.iterations.numpy()))
+    callbacks.insert(0, Heartbeat(watchdog))
     if cfg.train.eval_every:
         from .quality import TrainingEval
 
@@ -215,7 +220,7 @@ def _train_locked(cfg, run: RunDir, restart, echo, progress_factory, log) -> Run
 
     # --- fit: a partial epoch first when resuming mid-epoch, then whole epochs ---------------------
     try:
-        with _stop_on_signals(state, echo):
+        with _stop_on_signals(state, echo), watchdog:
             if batch:
                 ds = make_dataset(images, cfg.train.batch_size, cfg.train.seed, epoch, cfg.data.flip, skip=batch)
                 model.fit(ds, epochs=epoch + 1, initial_epoch=epoch, steps_per_epoch=state.steps_per_epoch - batch,
