@@ -104,6 +104,22 @@ def _check_apart(cfg) -> None:
                       "folders, e.g. runs/NAME and data/NAME")
 
 
+def _checkpoint_manager(ckpt, run: RunDir, keep: int, log):
+    """tf.train.CheckpointManager over RUN/checkpoints; a damaged list of checkpoints (the `checkpoint` state
+    file, which TensorFlow cannot parse then) is rebuilt from the checkpoint files on disk, with a warning."""
+    state = run.checkpoints / "checkpoint"
+    try:
+        tf.train.get_checkpoint_state(str(run.checkpoints))
+    except Exception as exc:  # noqa: BLE001 - TensorFlow raises anything from UnicodeDecodeError to OpError here
+        prefixes = sorted((str(p.with_suffix("")) for p in run.checkpoints.glob("ckpt-*.index")),
+                          key=lambda p: int(p.rsplit("-", 1)[1]) if p.rsplit("-", 1)[1].isdigit() else -1)
+        log(f"{state} is damaged ({type(exc).__name__}); rebuilt it from the {len(prefixes)} checkpoint files there")
+        state.unlink()
+        if prefixes:
+            tf.compat.v1.train.update_checkpoint_state(str(run.checkpoints), prefixes[-1], prefixes)
+    return tf.train.CheckpointManager(ckpt, str(run.checkpoints), max_to_keep=keep)
+
+
 def _checkpoint_candidates(run: RunDir, manager) -> list[str]:
     """Checkpoint prefixes, newest first: those the manager lists, and any complete-looking `ckpt-N.index`
     on disk (a damaged state file lists none)."""
@@ -118,7 +134,7 @@ def _restore_newest_loadable(ckpt, candidates: list[str], run: RunDir, log) -> t
     for prefix in candidates:
         try:
             ckpt.restore(prefix).assert_existing_objects_matched()
-        except (tf.errors.OpError, ValueError, AssertionError) as exc:
+        except (tf.errors.OpError, OSError, ValueError, AssertionError, IndexError, KeyError, RuntimeError) as exc:
             reason = str(getattr(exc, "message", None) or exc).strip().splitlines()[0][:200]
             skipped.append(f"{Path(prefix).name} ({type(exc).__name__}: {reason})")
             continue
@@ -179,7 +195,7 @@ def _train_locked(cfg, run: RunDir, restart, echo, progress_factory, log) -> Run
 
     ckpt = tf.train.Checkpoint(net=net, ema=ema_net, optimizer=optimizer, rng=model.rng,
                                ema_updates=model.ema_updates, epoch=state.epoch, batch_in_epoch=state.batch)
-    manager = tf.train.CheckpointManager(ckpt, str(run.checkpoints), max_to_keep=cfg.run.keep_last)
+    manager = _checkpoint_manager(ckpt, run, cfg.run.keep_last, log)
     meta = {"config": to_dict(cfg), "tf": compat.TF_VERSION, "keras": compat.KERAS_VERSION}
     restored, skipped = _restore_newest_loadable(ckpt, _checkpoint_candidates(run, manager), run, log)
     if restored:
