@@ -6,14 +6,27 @@ TensorFlow is imported only inside commands that need it, after the config has b
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
 import click
 
 from . import __version__
+from .seeds import SEED_MAX, check_seed_range
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
+
+
+class FiniteFloat(click.FloatRange):
+    """A FloatRange that refuses nan and inf, which FloatRange lets through (every comparison with NaN is
+    false). The type of every float option."""
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return super().convert(number, param, ctx)
 
 
 def _quiet_tensorflow() -> None:
@@ -140,8 +153,9 @@ def _parse_seeds(text: str | None):
         seeds = [int(s) for s in text.replace(" ", "").split(",") if s]
     except ValueError:
         raise click.BadParameter(f"{text!r}: expected comma-separated integers, e.g. 17,42") from None
-    if not seeds or any(not 0 <= s < 2**31 for s in seeds):
-        raise click.BadParameter(f"{text!r}: expected seeds in 0..2147483647")
+    if not seeds or any(not 0 <= s <= SEED_MAX for s in seeds):
+        shown = text if len(text) <= 80 else text[:77] + "..."
+        raise click.BadParameter(f"{shown!r}: expected seeds in 0..{SEED_MAX}")
     return seeds
 
 
@@ -154,7 +168,7 @@ Examples:
   ddpm sample --run runs/demo --checkpoint 3125   # the weights exported at step 3125""")
 @_sample_options
 @click.option("--n", type=click.IntRange(1, 100000), default=None, help="Images to generate. [default: sample.n]")
-@click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=None,
+@click.option("--seed", type=click.IntRange(0, SEED_MAX), default=None,
               help="Image i uses seed + i, whatever the batch size. [default: sample.seed]")
 @click.option("--seeds", "seeds_text", default=None, metavar="S1,S2,...",
               help="Generate exactly these seeds (overrides --n and --seed).")
@@ -164,7 +178,7 @@ Examples:
               help="ddpm (ancestral), ddim, dpmpp_2m (DPM-Solver++ 2M). [default: sample.sampler]")
 @click.option("--steps", type=click.IntRange(1), default=None,
               help="Sampler steps, 1..T. [default: sample.steps, else 1000 / 50 / 20 for ddpm / ddim / dpmpp_2m]")
-@click.option("--eta", type=click.FloatRange(0.0, 1.0), default=None,
+@click.option("--eta", type=FiniteFloat(0.0, 1.0), default=None,
               help="DDIM noise: 0 deterministic, 1 DDPM-like. [default: sample.eta]")
 @click.option("--spacing", type=click.Choice(["linspace", "trailing"]), default=None,
               help="Which timesteps a short sampler visits. [default: sample.spacing]")
@@ -178,6 +192,8 @@ def sample(run_dir, runs_root, out, overwrite, checkpoint, n, seed, seeds_text, 
     Each PNG records its run, step, sampler, steps and seed in PNG text metadata.
     """
     seeds = _parse_seeds(seeds_text)
+    if seeds is None and seed is not None and n is not None:
+        _user_errors(check_seed_range, seed, n, "--seed", "--n")
     _quiet_tensorflow()
     from .sample import sample as run_sample
 
@@ -208,8 +224,8 @@ Examples:
 @click.option("--sampler", type=click.Choice(["ddpm", "ddim", "dpmpp_2m"]), default=None,
               help="Sampler of the evaluated images. [default: eval.sampler]")
 @click.option("--steps", type=click.IntRange(1), default=None, help="Its steps. [default: eval.steps]")
-@click.option("--eta", type=click.FloatRange(0.0, 1.0), default=None, help="Its DDIM eta. [default: eval.eta]")
-@click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=None,
+@click.option("--eta", type=FiniteFloat(0.0, 1.0), default=None, help="Its DDIM eta. [default: eval.eta]")
+@click.option("--seed", type=click.IntRange(0, SEED_MAX), default=None,
               help="Sample i uses seed + i. [default: eval.seed]")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=None,
               help="Images per sampler batch. [default: sample.batch_size]")
@@ -222,6 +238,8 @@ def eval_command(run_dir, runs_root, checkpoint, n, images, features, sampler, s
                  overrides, memorization):
     """Score a run: KID and FID of its samples against its training images, and optionally a memorisation
     report. Results are appended to RUN/eval.csv and TensorBoard; grids and pairs go to RUN/eval/."""
+    if images is None and seed is not None and n is not None:
+        _user_errors(check_seed_range, seed, n, "--seed", "--n")
     _quiet_tensorflow()
     from .quality import run_eval
 
@@ -235,7 +253,7 @@ Examples:
   ddpm interpolate --seeds 3 17 --frames 16
   ddpm interpolate --run runs/demo --seeds 0 1 --frames 8 --steps 100 --out morph.png""")
 @_sample_options
-@click.option("--seeds", type=click.IntRange(0, 2**31 - 1), nargs=2, required=True, metavar="A B",
+@click.option("--seeds", type=click.IntRange(0, SEED_MAX), nargs=2, required=True, metavar="A B",
               help="The two seeds to morph between.")
 @click.option("--frames", type=click.IntRange(2, 256), default=16, help="Frames, both ends included.")
 @click.option("--steps", type=click.IntRange(1), default=None, help="DDIM steps. [default: sample.steps or 50]")
@@ -258,9 +276,9 @@ Examples:
   ddpm img2img sketch.png --strength 0.8 --seed 3 --run runs/demo --out dreamed.png""")
 @click.argument("image", type=click.Path(path_type=Path, dir_okay=False, exists=True))
 @_sample_options
-@click.option("--strength", type=click.FloatRange(0.0, 1.0), default=0.5,
+@click.option("--strength", type=FiniteFloat(0.0, 1.0), default=0.5,
               help="How far to noise the image: 0 keeps it, 1 starts from (almost) pure noise.")
-@click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, help="Seed of the added noise.")
+@click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, help="Seed of the added noise.")
 @click.option("--steps", type=click.IntRange(1), default=None,
               help="DDIM steps for the whole range (strength 0.5 runs about half). [default: sample.steps or 50]")
 def img2img(image, run_dir, runs_root, out, overwrite, checkpoint, strength, seed, steps):

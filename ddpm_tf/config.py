@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,83 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .seeds import SEED_MAX, seed_range_problem
+
+INT_MAX = 2**63 - 1  # every integer key: beyond int64, numpy and TF overflow
+ECHO_MAX = 80  # characters of a value echoed in an error message
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict = 2, 6, 6, 6
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = ECHO_MAX
+
+
+def _short(value: Any) -> str:
+    """repr(value) in at most ECHO_MAX characters, computed without building the whole repr first."""
+    text = " ".join(_REPR.repr(value).split())
+    return text if len(text) <= ECHO_MAX else text[:ECHO_MAX - 3] + "..."
+
+
+class _Refused(yaml.YAMLError):
+    """Valid YAML that a config file may not use; `problem` and `problem_mark` like PyYAML's errors."""
+
+    def __init__(self, problem: str, mark):
+        super().__init__(problem)
+        self.problem, self.problem_mark = problem, mark
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses what makes a small file a huge or an ambiguous value: aliases of lists and
+    mappings (a 350-byte 'billion laughs' file expands to millions of items) and duplicate keys (PyYAML
+    silently keeps the last one). Aliases of single values stay allowed: they cannot grow the file."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            if isinstance(self.anchors.get(event.anchor), yaml.CollectionNode):
+                raise _Refused(f"the alias *{event.anchor[:ECHO_MAX]} repeats a list or mapping, which a "
+                               "config file may not do: write the values out", event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        if not isinstance(node, yaml.MappingNode):
+            return super().construct_mapping(node, deep=deep)
+        prefix = self._names.get(id(node))  # None for the top level (sections)
+        seen = set()
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: SafeLoader's own error names it
+                break
+            name = _short(key if prefix is None else f"{prefix}.{key}")
+            if duplicate:
+                what = "section" if prefix is None else "key"
+                raise _Refused(f"duplicate {what} {name}: expected each {what} once (YAML would silently keep "
+                               "the last)", key_node.start_mark)
+            seen.add(key)
+            self._names[id(value_node)] = str(key) if prefix is None else f"{prefix}.{key}"
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node):
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:  # Python >= 3.11 refuses to parse integers of more than 4300 digits
+            raise _Refused(f"the integer {_short(node.value)} has too many digits ({len(node.value)})",
+                           node.start_mark) from None
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._names: dict[int, str] = {}
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
+
+
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _spec(default, *, lo=None, hi=None, choices=None, help=""):
@@ -25,7 +103,7 @@ class RunConfig:
     keep_last: int = _spec(3, lo=1, help="checkpoints kept on disk")
     preview_every: int = _spec(5, lo=0, help="write a preview grid every N epochs (0: never)")
     preview_n: int = _spec(16, lo=1, hi=256, help="images in a preview grid")
-    preview_seed: int = _spec(1234, lo=0, help="fixed seed of the preview grid, so the same faces form")
+    preview_seed: int = _spec(1234, lo=0, hi=SEED_MAX, help="fixed seed of the preview grid, so the same faces form")
     tensorboard: bool = _spec(True, help="write TensorBoard logs to RUN/tensorboard")
     stall_timeout: float = _spec(900.0, lo=0.0, hi=604800.0,
                                  help="seconds without a finished train step or sampler chunk before a warning "
@@ -83,7 +161,7 @@ class TrainConfig:
     learning_rate: float = _spec(2e-4, lo=1e-8, hi=1.0, help="Adam learning rate")
     ema_decay: float = _spec(0.999, lo=0.0, hi=1.0, help="EMA decay of the sampling weights")
     ema_warmup: bool = _spec(True, help="EMA decay min(decay, (1+step)/(10+step)) so early samples work")
-    seed: int = _spec(0, lo=0, hi=2**31 - 1, help="seed of data order, flips, timesteps and noise")
+    seed: int = _spec(0, lo=0, hi=SEED_MAX, help="seed of data order, flips, timesteps and noise")
     warmup_steps: int = _spec(0, lo=0, help="linear learning-rate warm-up over this many steps (0: off)")
     grad_clip: float = _spec(1.0, lo=0.0, help="global gradient-norm clip (0: off)")
     deterministic: bool = _spec(False, help="TF op determinism: a resumed run equals an uninterrupted one")
@@ -100,7 +178,7 @@ class TrainConfig:
 class SampleConfig:
     n: int = _spec(64, lo=1, hi=100000, help="images to generate")
     batch_size: int = _spec(64, lo=1, hi=4096, help="images per sampler batch")
-    seed: int = _spec(0, lo=0, hi=2**31 - 1, help="image i uses seed + i")
+    seed: int = _spec(0, lo=0, hi=SEED_MAX, help="image i uses seed + i")
     sampler: str = _spec("ddpm", choices=("ddpm", "ddim", "dpmpp_2m"), help="reverse sampler")
     steps: int = _spec(0, lo=0, hi=100000, help="sampler steps (0: the sampler's default: 1000, 50, 20)")
     eta: float = _spec(0.0, lo=0.0, hi=1.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
@@ -116,7 +194,7 @@ class EvalConfig:
     sampler: str = _spec("ddim", choices=("ddpm", "ddim", "dpmpp_2m"), help="sampler of the evaluated images")
     steps: int = _spec(0, lo=0, hi=100000, help="its steps (0: the sampler's default: 1000, 50, 20)")
     eta: float = _spec(1.0, lo=0.0, hi=1.0, help="its DDIM eta")
-    seed: int = _spec(100000, lo=0, hi=2**31 - 1, help="first seed of the evaluated samples (fixed: comparable runs)")
+    seed: int = _spec(100000, lo=0, hi=SEED_MAX, help="first seed of the evaluated samples (fixed: comparable runs)")
     kid_subsets: int = _spec(100, lo=1, hi=10000, help="KID is averaged over this many random subsets")
     kid_subset_size: int = _spec(100, lo=2, hi=100000,
                                  help="images per KID subset (at most the set sizes; below them, so the std means something)")
@@ -159,7 +237,7 @@ def _check_value(where: str, key: str, value: Any, default: Any, meta: dict) -> 
     expected = _describe(meta, kind)
 
     def bad(why: str) -> ConfigError:
-        return ConfigError(f"{where}: {key} = {value!r} {why}: expected {expected}")
+        return ConfigError(f"{where}: {key} = {_short(value)} {why}: expected {expected}")
 
     if kind == "bool":
         if not isinstance(value, bool):
@@ -168,6 +246,8 @@ def _check_value(where: str, key: str, value: Any, default: Any, meta: dict) -> 
     elif kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad("has the wrong type")
+        if abs(value) > INT_MAX:
+            raise bad("is too large")
         items = [value]
     elif kind == "float":
         if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string; users write it anyway
@@ -175,9 +255,15 @@ def _check_value(where: str, key: str, value: Any, default: Any, meta: dict) -> 
                 value = float(value)
             except ValueError:
                 raise bad("has the wrong type") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("has the wrong type")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond the float range
+            raise bad("is not a finite number") from None
+        # NaN passes any `v < lo or v > hi` check (comparisons with NaN are false): refuse it by name.
+        if not math.isfinite(value):
+            raise bad("is not a finite number")
         items = [value]
     elif kind == "str":
         if not isinstance(value, str) or not value:
@@ -189,6 +275,8 @@ def _check_value(where: str, key: str, value: Any, default: Any, meta: dict) -> 
         if not isinstance(value, (list, tuple)) or not value or \
                 any(isinstance(v, bool) or not isinstance(v, int) for v in value):
             raise bad("has the wrong type")
+        if any(abs(v) > INT_MAX for v in value):
+            raise bad("is too large")
         value = tuple(value)
         items = list(value)
     for v in items:
@@ -206,48 +294,59 @@ def _check_colour(text: str, where: str) -> None:
     try:
         ImageColor.getrgb(text)
     except ValueError:
-        raise ConfigError(f"{where}: data.background = {text!r} is not a colour: expected a name (white, black, "
-                          "gray, ...) or #rrggbb") from None
+        raise ConfigError(f"{where}: data.background = {_short(text)} is not a colour: expected a name (white, "
+                          "black, gray, ...) or #rrggbb") from None
 
 
-def _cross_checks(cfg: Config, where: str) -> None:
-    """Checks that involve several keys at once."""
+def _cross_checks(cfg: Config, at) -> None:
+    """Checks that involve several keys at once; `at(*keys)` names where those keys were set."""
     m, d = cfg.model, cfg.data
     widths = [m.base_channels * k for k in m.channel_mult]
+    width_keys = ("model.base_channels", "model.channel_mult")
     for w in widths:
         if w % m.norm_groups:
-            raise ConfigError(f"{where}: model.norm_groups = {m.norm_groups} does not divide the width {w} "
-                              f"(model.base_channels x model.channel_mult): expected a divisor of every width")
+            raise ConfigError(f"{at('model.norm_groups', *width_keys)}: model.norm_groups = {m.norm_groups} does "
+                              f"not divide the width {w} (model.base_channels x model.channel_mult): expected a "
+                              "divisor of every width")
         if w % m.attention_heads:
-            raise ConfigError(f"{where}: model.attention_heads = {m.attention_heads} does not divide the width {w}")
+            raise ConfigError(f"{at('model.attention_heads', *width_keys)}: model.attention_heads = "
+                              f"{m.attention_heads} does not divide the width {w}")
     down = 2 ** (len(widths) - 1)
     if d.image_size % down:
-        raise ConfigError(f"{where}: data.image_size = {d.image_size} is not divisible by {down}: expected a "
-                          f"multiple of 2**(levels-1) for {len(widths)} levels in model.channel_mult")
+        raise ConfigError(f"{at('data.image_size', 'model.channel_mult')}: data.image_size = {d.image_size} is not "
+                          f"divisible by {down}: expected a multiple of 2**(levels-1) for {len(widths)} levels in "
+                          "model.channel_mult")
     sizes = [d.image_size // 2**i for i in range(len(widths))]
     for r in m.attention_resolutions:
         if r not in sizes:
-            raise ConfigError(f"{where}: model.attention_resolutions contains {r}, which is not a feature-map "
-                              f"size of this network: expected some of {sizes}")
+            raise ConfigError(f"{at('model.attention_resolutions', 'data.image_size', 'model.channel_mult')}: "
+                              f"model.attention_resolutions contains {r}, which is not a feature-map size of this "
+                              f"network: expected some of {_short(sizes)}")
     for key in ("sample", "eval"):
         steps = getattr(cfg, key).steps
         if steps > cfg.diffusion.timesteps:
-            raise ConfigError(f"{where}: {key}.steps = {steps} is more than diffusion.timesteps = "
-                              f"{cfg.diffusion.timesteps}: expected 0 (the sampler's default) to "
-                              f"{cfg.diffusion.timesteps}")
-    _check_colour(d.background, where)
+            raise ConfigError(f"{at(f'{key}.steps', 'diffusion.timesteps')}: {key}.steps = {steps} is more than "
+                              f"diffusion.timesteps = {cfg.diffusion.timesteps}: expected 0 (the sampler's "
+                              f"default) to {cfg.diffusion.timesteps}")
+    for seed_key, n_key in (("sample.seed", "sample.n"), ("eval.seed", "eval.n"), ("run.preview_seed", "run.preview_n")):
+        seed, n = (getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) for k in (seed_key, n_key))
+        problem = seed_range_problem(seed, n)
+        if problem:
+            raise ConfigError(f"{at(seed_key, n_key)}: {seed_key} = {seed} with {n_key} = {n} {problem}")
+    _check_colour(d.background, at("data.background"))
     if cfg.diffusion.beta_end <= cfg.diffusion.beta_start:
-        raise ConfigError(f"{where}: diffusion.beta_end = {cfg.diffusion.beta_end} must be greater than "
-                          f"diffusion.beta_start = {cfg.diffusion.beta_start}")
+        raise ConfigError(f"{at('diffusion.beta_end', 'diffusion.beta_start')}: diffusion.beta_end = "
+                          f"{cfg.diffusion.beta_end} must be greater than diffusion.beta_start = "
+                          f"{cfg.diffusion.beta_start}")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
     """'train.epochs=5' -> ('train.epochs', 5), the value typed by YAML like in the file."""
     if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. --set train.epochs=10")
+        raise ConfigError(f"--set {_short(text)}: expected section.key=value, e.g. --set train.epochs=10")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else raw
+        value = _load_yaml(raw) if raw.strip() else raw
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -258,35 +357,43 @@ def from_dict(raw: dict, where: str, overrides: list[tuple[str, Any]] = ()) -> C
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping of sections ({', '.join(SECTIONS)}), got {type(raw).__name__}")
+        raise ConfigError(f"{where}: expected a mapping of sections ({', '.join(SECTIONS)}), got "
+                          f"{type(raw).__name__} {_short(raw)}")
     merged: dict[str, dict] = {}
     for section, body in raw.items():
         if section not in SECTIONS:
-            raise ConfigError(f"{where}: unknown section {section!r}: expected one of {', '.join(SECTIONS)}")
+            raise ConfigError(f"{where}: unknown section {_short(section)}: expected one of {', '.join(SECTIONS)}")
         if body is None:
             body = {}
         if not isinstance(body, dict):
-            raise ConfigError(f"{where}: section {section!r} must be a mapping of keys, got {body!r}")
+            raise ConfigError(f"{where}: section {section!r} must be a mapping of keys, got {_short(body)}")
         merged[section] = {k: (v, where) for k, v in body.items()}
     for key, value in overrides:
         section, _, name = key.partition(".")
         if section not in SECTIONS or not name:
-            raise ConfigError(f"--set {key}: unknown key: expected section.key with a section among "
+            raise ConfigError(f"--set {_short(key)}: unknown key: expected section.key with a section among "
                               f"{', '.join(SECTIONS)}")
         merged.setdefault(section, {})[name] = (value, "--set")
-    sections = {}
+    sections, sources = {}, {}
     for section, cls in SECTIONS.items():
         fields = {f.name: f for f in dataclasses.fields(cls)}
         values = {}
         for name, (value, src) in merged.get(section, {}).items():
-            key = f"{section}.{name}"
+            key = f"{section}.{name}" if isinstance(name, str) else f"{section}.{_short(name)}"
             if name not in fields:
-                raise ConfigError(f"{src}: unknown key {key!r}: {section} has {', '.join(fields)}")
+                raise ConfigError(f"{src}: unknown key {_short(key)}: {section} has {', '.join(fields)}")
             f = fields[name]
             values[name] = _check_value(src, key, value, f.default, f.metadata)
+            sources[key] = src
         sections[section] = cls(**values)
     cfg = Config(**sections)
-    _cross_checks(cfg, where)
+
+    def at(*keys: str) -> str:
+        """Where the keys of a cross-key error were set: --set when one of them was (the likely cause)."""
+        found = {sources[k] for k in keys if k in sources}
+        return "--set" if "--set" in found else where
+
+    _cross_checks(cfg, at)
     return cfg
 
 
@@ -300,14 +407,25 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read the config file ({exc})") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder: expected a YAML config file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}): "
+                          "expected a YAML config file saved as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc})") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = _load_yaml(text)
+    except _Refused as exc:
+        mark = exc.problem_mark
+        raise ConfigError(f"{path}: line {mark.line + 1}, column {mark.column + 1}: {exc.problem}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         pos = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{pos}: {getattr(exc, 'problem', exc)}") from None
+        why = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        if isinstance(exc, yaml.reader.ReaderError):  # its str() spans two lines
+            pos, why = f" at offset {exc.position}", f"{exc.reason} (#x{exc.character if isinstance(exc.character, int) else ord(exc.character):04x})"
+        raise ConfigError(f"{path}: not valid YAML{pos}: {why[:2 * ECHO_MAX]}") from None
     return from_dict(raw, str(path), parsed)
 
 

@@ -23,6 +23,7 @@ from .evaluate import (
 from .images import make_grid, save_png
 from .memorization import save_pairs_png
 from .sample import build_sampler, load_run, sample_seeds
+from .seeds import check_seed_range
 
 
 def training_images(cfg, echo=print) -> np.ndarray:
@@ -71,6 +72,9 @@ def run_eval(run_dir: Path | None = None, *, runs_root: Path = Path("runs"), che
     """
     run, cfg, net, step = load_run(run_dir, runs_root, checkpoint)
     cfg = with_eval_overrides(cfg, overrides)
+    if images is None:  # before the feature network loads: a bad --seed fails fast
+        check_seed_range(cfg.eval.seed if seed is None else seed, n or cfg.eval.n,
+                         "eval.seed" if seed is None else "--seed", "eval.n" if n is None else "--n")
     extractor = load_features(features or cfg.eval.features)  # before sampling: a missing file fails fast
     size, channels = cfg.data.image_size, cfg.data.channels
     if images is not None:

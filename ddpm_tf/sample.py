@@ -15,6 +15,7 @@ from .precision import apply_policy, use_xla
 from .runs import RunDir, find_latest_run, load_weights
 from .samplers import DEFAULT_STEPS, SAMPLERS, initial_noise, reverse_steps, sampler_timesteps
 from .schedule import Schedule
+from .seeds import check_seed_range
 from .unet import build_unet
 from .watchdog import Watchdog
 
@@ -141,8 +142,9 @@ def sample(run_dir: Path | None = None, *, runs_root: Path = Path("runs"), n: in
     batch size or the other seeds."""
     run, cfg, net, step = load_run(run_dir, runs_root, checkpoint)
     if seeds is None:
-        seed = cfg.sample.seed if seed is None else seed
-        seeds = list(seed + np.arange(n or cfg.sample.n))
+        first, count = cfg.sample.seed if seed is None else seed, n or cfg.sample.n
+        check_seed_range(first, count, "sample.seed" if seed is None else "--seed", "sample.n" if n is None else "--n")
+        seeds = list(first + np.arange(count))
     seeds = np.asarray(seeds, dtype=np.int64)
     n = len(seeds)
     batch_size = batch_size or cfg.sample.batch_size

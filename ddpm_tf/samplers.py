@@ -23,7 +23,7 @@ DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "dpmpp_2m": 20}  # None: every timest
 
 def per_image_normal(seeds, counter, image_shape):
     """Standard normal noise (B, *image_shape), image i drawn from the stateless seed (seeds[i], counter)."""
-    counter = tf.cast(counter, tf.int32)
+    counter = tf.cast(counter, tf.int32)  # seeds are int32 too: every option and key keeps them in 0..seeds.SEED_MAX
     return tf.map_fn(lambda s: tf.random.stateless_normal(image_shape, tf.stack([s, counter])),
                      tf.cast(seeds, tf.int32), fn_output_signature=tf.float32)
 

@@ -128,3 +128,107 @@ def test_help_shows_defaults_and_examples():
         assert result.exit_code == 0
         assert "Examples:" in result.output
     assert "default: runs" in invoke("sample", "--help").output
+
+
+# --- numbers and parsing (issue 11, section 5): refused before any run is read -------------------------
+
+SEED_MAX = 2**31 - 1  # the int32 seeds of the stateless TF generators (ddpm_tf.seeds.SEED_MAX)
+
+def test_every_float_option_refuses_nan_and_inf():
+    import click
+
+    from ddpm_tf.cli import FiniteFloat
+
+    floats = [(name, p.name) for name, cmd in main.commands.items() for p in cmd.params
+              if isinstance(p.type, click.types.FloatParamType)]
+    assert ("sample", "eta") in floats and ("img2img", "strength") in floats
+    for name, param in floats:
+        option = next(p for p in main.commands[name].params if p.name == param)
+        assert isinstance(option.type, FiniteFloat), f"ddpm {name} --{param} is not a FiniteFloat"
+
+
+@pytest.mark.parametrize("command, option", [("sample", "--eta"), ("eval", "--eta"), ("img2img", "--strength")])
+@pytest.mark.parametrize("value", ["nan", "NaN", "-nan", "inf", "-inf", "1e999"])
+def test_float_options_refuse_non_finite_values(tmp_path, command, option, value):
+    # Before: --eta nan wrote black images and --strength nan ran zero steps, exit 0. Here no run exists,
+    # so a value that got through would end in "no run found" (exit 1) instead.
+    image = tmp_path / "in.png"
+    Image.new("RGB", (16, 16)).save(image)
+    args = [command, *([image] if command == "img2img" else []), "--runs-root", tmp_path / "none", option, value]
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    assert option in result.output and "not a finite number" in result.output
+
+
+@pytest.mark.parametrize("command", ["sample", "eval"])
+def test_seed_plus_n_beyond_the_seed_range_is_refused_before_any_work(tmp_path, command):
+    # Before: `ddpm sample --seed 2147483647 --n 2` wrote an image with seed 2147483648, which --seeds refuses.
+    result = invoke(command, "--runs-root", tmp_path / "none", "--seed", SEED_MAX, "--n", 2)
+    assert result.exit_code == 2, result.output
+    assert f"--seed {SEED_MAX} with --n 2" in result.output and f"0..{SEED_MAX}" in result.output
+    # The last seed exactly at the bound is fine: this gets as far as looking for a run.
+    result = invoke(command, "--runs-root", tmp_path / "none", "--seed", SEED_MAX - 1, "--n", 2)
+    assert result.exit_code == 1 and "no run found" in result.output
+
+
+@pytest.mark.parametrize("args", [["sample", "--seeds", "2147483648"], ["interpolate", "--seeds", 0, 2**31],
+                                  ["img2img", "IMAGE", "--seed", 2**31], ["sample", "--seed", 2**31],
+                                  ["eval", "--seed", 2**31]])
+def test_every_seed_option_has_the_same_range(tmp_path, args):
+    image = tmp_path / "in.png"
+    Image.new("RGB", (16, 16)).save(image)
+    args = [image if a == "IMAGE" else a for a in args]
+    result = invoke(*args, "--runs-root", tmp_path / "none")
+    assert result.exit_code == 2 and "2147483647" in result.output, result.output
+
+
+@pytest.fixture
+def fixture_run(tmp_path):
+    """A copy of the small exported run of test_sample_cli, its sample.seed and eval.seed at the top of the range."""
+    import shutil
+    from pathlib import Path
+
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "export-keras3", run)
+    body = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+    body["sample"].update(seed=SEED_MAX - 3, n=4)  # the last seed is exactly SEED_MAX
+    body.setdefault("eval", {}).update(seed=SEED_MAX - 3, n=4)
+    (run / "config.yaml").write_text(yaml.safe_dump(body), encoding="utf-8")
+    return run
+
+
+def test_seed_or_n_from_the_run_config_is_checked_before_sampling(fixture_run, tmp_path):
+    out = tmp_path / "grid.png"
+    result = invoke("sample", "--run", fixture_run, "--n", 5, "--sampler", "ddim", "--steps", 1, "--out", out)
+    assert result.exit_code == 2, result.output
+    assert f"sample.seed = {SEED_MAX - 3} with --n 5" in result.output and str(SEED_MAX + 1) in result.output
+    result = invoke("sample", "--run", fixture_run, "--seed", SEED_MAX, "--sampler", "ddim", "--steps", 1,
+                    "--out", out)
+    assert result.exit_code == 2, result.output
+    assert f"--seed {SEED_MAX} with sample.n = 4" in result.output
+    assert not out.exists() and not (tmp_path / "grid").exists()  # refused before sampling
+    # eval: refused before the feature network is even looked for.
+    result = invoke("eval", "--run", fixture_run, "--n", 5, "--features", tmp_path / "missing.h5")
+    assert result.exit_code == 2 and f"eval.seed = {SEED_MAX - 3} with --n 5" in result.output, result.output
+    result = invoke("eval", "--run", fixture_run, "--set", "eval.n=5", "--features", tmp_path / "missing.h5")
+    assert result.exit_code == 2 and "--set" in result.output and "eval.n = 5" in result.output, result.output
+
+
+def test_set_that_breaks_a_cross_key_check_is_named(tiny_project):
+    cfg, run_dir = tiny_project
+    result = invoke("train", "--config", cfg, "--set", "model.norm_groups=5")
+    assert result.exit_code == 2
+    assert "Error: --set: model.norm_groups = 5 does not divide" in result.output and cfg.name not in result.output
+    assert not run_dir.exists()
+
+
+def test_config_file_that_expands_is_refused_in_one_short_line(tmp_path):
+    path = tmp_path / "laughs.yaml"
+    path.write_text("eval:\n  a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"  {b}: &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcd", "bcde")) +
+        "run:\n  dir: [" + ", ".join(["*e"] * 9) + "]\n", encoding="utf-8")
+    result = invoke("train", "--config", path)
+    assert result.exit_code == 2
+    assert "laughs.yaml" in result.output and "alias" in result.output and len(result.output) < 400
