@@ -9,5 +9,5 @@ cd "$repo"
 env_dir="$(bash scripts/setup.sh latest | tail -n 1)"
 "$env_dir/bin/python" scripts/fetch_orl.py data/orl
 "$env_dir/bin/ddpm" train --config configs/demo.yaml "$@"
-"$env_dir/bin/ddpm" sample --run runs/demo --n 64 --out runs/demo/demo-grid.png
+"$env_dir/bin/ddpm" sample --run runs/demo --n 64 --out runs/demo/demo-grid.png --overwrite  # the demo's own grid
 echo "demo: the grid is runs/demo/demo-grid.png (single faces in runs/demo/demo-grid/)"
