@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import time
@@ -12,7 +11,7 @@ from .compat import keras, tf
 from .diffusion import ema_decay_at
 from .errors import TrainingStopped
 from .images import atomic_write_bytes, make_grid, save_png, to_uint8
-from .runs import RunDir, save_weights
+from .runs import RunDir, append_csv_row, save_weights
 from .summaries import image_summary, scalar_summary
 
 
@@ -125,8 +124,6 @@ class Progress(keras.callbacks.Callback):
 class Logger(keras.callbacks.Callback):
     """metrics.csv (one row per completed epoch) and TensorBoard scalars every `every` steps."""
 
-    FIELDS = ["epoch", "step", "loss", "learning_rate", "images_per_s", "seconds", "time"]
-
     def __init__(self, run: RunDir, state: RunState, progress: Progress, writer, train_cfg, every: int = 10):
         super().__init__()
         self.run, self.state, self.progress, self.writer = run, state, progress, writer
@@ -160,12 +157,7 @@ class Logger(keras.callbacks.Callback):
                "learning_rate": f"{_float(compat.current_learning_rate(opt)):.3g}",
                "images_per_s": f"{self.progress.images_per_s:.2f}",
                "seconds": f"{time.perf_counter() - self._t0:.2f}", "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        new = not self.run.metrics_csv.exists()
-        with open(self.run.metrics_csv, "a", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=self.FIELDS)
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        append_csv_row(self.run.metrics_csv, row)
         if self.writer is not None:
             self.writer.flush()
 

@@ -7,14 +7,12 @@ Typical use (what `ddpm eval` and the training callback do):
     extractor = load_features(None)                      # or a path given with --features
     reference = prepare_reference(train_uint8, extractor)  # once per run: training features
     result = evaluate_images(samples_uint8, reference, extractor, memorization=True)
-    append_eval_csv(run.path / "eval.csv", {"step": step, **result.row()})
+    append_csv_row(run.eval_csv, {"step": step, **result.row()})
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import time
 import warnings
 import zipfile
@@ -26,9 +24,9 @@ import numpy as np
 
 from .compat import keras, tf
 from .errors import EvalError
-from .images import atomic_write_bytes
 from .memorization import MemorizationReport, flip_images, memorization_report
 from .metrics import fid, kid
+from .runs import write_csv
 from .summaries import image_summary, scalar_summary
 
 # The file Keras downloads for InceptionV3(include_top=False, weights="imagenet").
@@ -253,37 +251,10 @@ def evaluate_images(samples: np.ndarray, reference: Reference, extractor: Featur
                       fid(feats, reference.features), report)
 
 
-def _csv_value(value) -> str:
-    if isinstance(value, (float, np.floating)):
-        return f"{float(value):.6g}"
-    return str(value)
-
-
-def _write_csv(path: Path, fields: list, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: _csv_value(v) for k, v in row.items()} for row in rows)
-    atomic_write_bytes(Path(path), buf.getvalue().encode("utf-8"))
-
-
-def append_eval_csv(path: Path, row: dict) -> None:
-    """Add a row to eval.csv: columns keep their first-seen order; a row with new keys widens the header."""
-    path = Path(path)
-    rows, fields = [], []
-    if path.exists():
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            fields, rows = list(reader.fieldnames or []), list(reader)
-    fields += [key for key in row if key not in fields]
-    # Rewritten whole and renamed into place: a crash never leaves a half row (the file stays small).
-    _write_csv(path, fields, [*rows, row])
-
-
 def save_memorization_csv(path: Path, report: MemorizationReport) -> None:
     """One row per sample: near-copy flag and, per space, the nearest training image and its distance."""
     rows = report.rows()
-    _write_csv(Path(path), list(rows[0]) if rows else ["sample"], rows)
+    write_csv(Path(path), list(rows[0]) if rows else ["sample"], rows)
 
 
 def write_tensorboard(writer, result: EvalResult, step: int, pairs_png: Path | None = None,

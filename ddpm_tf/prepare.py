@@ -308,15 +308,7 @@ def prepare(data_cfg, *, echo=print, progress_factory=None, only_changes=False, 
     if not src.is_dir():
         raise DataError(f"data.dir: {shown(str(src))} is not a folder (expected a folder of images)")
     settings = settings_from_config(data_cfg, draft)
-    out, auto = cache_dir_for(src, data_cfg, settings), data_cfg.cache == "auto"
-    _check_outside(out, src)
-    writable = cache_mod.check_folder(out, auto)
-    old, why = cache_mod.load_cache(out, settings)
-    if not writable and old is None:
-        raise cache_mod.folder_problem(out, auto, "is not writable, and " + (
-            f"its cache cannot be used ({why})" if why else "holds no cache to read instead"))
-    if why:
-        echo(f"cache {shown(str(out))}: not used because {why}; rebuilding it")
+    out, auto, writable, old, why = _open_cache(src, data_cfg, settings, echo)
     records = scan(src)
     _hash_files(records, old.files if old else {})
 
@@ -331,28 +323,12 @@ def prepare(data_cfg, *, echo=print, progress_factory=None, only_changes=False, 
         raise cache_mod.folder_problem(out, auto, f"is not writable, and {len(todo)} new or changed files need decoding")
     result = Prepared(out, out / cache_mod.MANIFEST, records, settings, rebuilt=why,
                       reused=len(first_path) - len(todo))
-    shape = (settings.size, settings.size, settings.channels)
     with cache_mod.writing(out, auto):
-        staged = cache_mod.Staging(out, len(todo), shape)
+        staged = cache_mod.Staging(out, len(todo), (settings.size, settings.size, settings.channels))
     try:  # the staging file (of a large first run) goes whatever happens
         bar = progress_factory(total=len(todo), desc="decode") if progress_factory and len(todo) >= SERIAL_BELOW \
             else None
-        for h, decoded in decode_all(todo, settings, data_cfg.workers, bar):
-            entries[h] = _entry(decoded)
-            staged.put(h, decoded.pixels)
-        bar and bar.close()
-        result.decoded = len(todo)
-        _classify(records, entries, data_cfg.near_duplicate_threshold, data_cfg.near_duplicate_rms)
-        used = [rec.sha256 for rec in records if rec.reason is None]
-
-        # --- contents used now whose pixels were never kept (earlier near duplicates): decode them too ---
-        old_rows = {h: e["row"] for h, e in (old.entries.items() if old else ()) if e.get("row") is not None}
-        missing = [(h, first_path[h]) for h in used if h not in staged and h not in old_rows]
-        for h, decoded in decode_all(missing, settings, 1):
-            staged.put(h, decoded.pixels)
-        result.decoded += len(missing)
-        result.faces = Counter(entries[h]["face"] for h in used) if settings.crop == "face" else Counter()
-
+        used, old_rows = _decode_and_classify(todo, first_path, entries, old, staged, records, data_cfg, result, bar)
         manifest = _manifest(src, out, settings, records)
         with cache_mod.writing(out, auto):
             if not used:
@@ -369,6 +345,41 @@ def prepare(data_cfg, *, echo=print, progress_factory=None, only_changes=False, 
     if not only_changes or result.decoded or result.count < len(records):
         echo(summary(result))
     return result
+
+
+def _open_cache(src: Path, data_cfg, settings, echo):
+    """(folder, is it the default, writable, the old cache or None, why it was not used): checked before
+    anything under `src` is read."""
+    out, auto = cache_dir_for(src, data_cfg, settings), data_cfg.cache == "auto"
+    _check_outside(out, src)
+    writable = cache_mod.check_folder(out, auto)
+    old, why = cache_mod.load_cache(out, settings)
+    if not writable and old is None:
+        raise cache_mod.folder_problem(out, auto, "is not writable, and " + (
+            f"its cache cannot be used ({why})" if why else "holds no cache to read instead"))
+    if why:
+        echo(f"cache {shown(str(out))}: not used because {why}; rebuilding it")
+    return out, auto, writable, old, why
+
+
+def _decode_and_classify(todo, first_path, entries, old, staged, records, data_cfg, result, bar):
+    """Decode the new contents into `staged`, mark duplicates and near duplicates, and decode the contents
+    used now whose pixels were never kept (earlier near duplicates). Returns (used hashes, old cache rows)."""
+    settings = result.settings
+    for h, decoded in decode_all(todo, settings, data_cfg.workers, bar):
+        entries[h] = _entry(decoded)
+        staged.put(h, decoded.pixels)
+    bar and bar.close()
+    result.decoded = len(todo)
+    _classify(records, entries, data_cfg.near_duplicate_threshold, data_cfg.near_duplicate_rms)
+    used = [rec.sha256 for rec in records if rec.reason is None]
+    old_rows = {h: e["row"] for h, e in (old.entries.items() if old else ()) if e.get("row") is not None}
+    missing = [(h, first_path[h]) for h in used if h not in staged and h not in old_rows]
+    for h, decoded in decode_all(missing, settings, 1):
+        staged.put(h, decoded.pixels)
+    result.decoded += len(missing)
+    result.faces = Counter(entries[h]["face"] for h in used) if settings.crop == "face" else Counter()
+    return used, old_rows
 
 
 def _write(out, old, used, old_rows, staged, entries, records, settings, manifest) -> None:

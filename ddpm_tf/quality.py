@@ -12,7 +12,6 @@ import numpy as np
 
 from .compat import tf
 from .evaluate import (
-    append_eval_csv,
     evaluate_images,
     load_features,
     load_image_folder,
@@ -22,6 +21,7 @@ from .evaluate import (
 )
 from .images import make_grid, save_png
 from .memorization import save_pairs_png
+from .runs import RunDir, append_csv_row
 from .sample import build_sampler, load_run, sample_seeds
 from .seeds import check_seed_range
 
@@ -88,16 +88,16 @@ def run_eval(run_dir: Path | None = None, *, runs_root: Path = Path("runs"), che
     e = cfg.eval
     result = evaluate_images(samples, reference, extractor, kid_subsets=e.kid_subsets,
                              kid_subset_size=e.kid_subset_size, seed=e.seed, memorization=memorization)
-    out_dir = run.path / "eval"
+    out_dir = run.eval_dir
     tag = f"step{step}-{source.replace('/', '_').replace(':', '-')}-n{len(samples)}"
     save_png(out_dir / f"samples-{tag}.png", make_grid(samples[:64]), {"ddpm_tf:step": step, "ddpm_tf:source": source})
     pairs = None
     if memorization:
         pairs = save_pairs_png(out_dir / f"closest-pairs-{tag}.png", samples, reference.images, result.memorization)
         save_memorization_csv(out_dir / f"memorization-{tag}.csv", result.memorization)
-    append_eval_csv(run.path / "eval.csv", {"step": step, "source": source, **result.row()})
+    append_csv_row(run.eval_csv, {"step": step, "source": source, **result.row()})
     if cfg.run.tensorboard:
-        writer = tf.summary.create_file_writer(str(run.path / "tensorboard"))
+        writer = tf.summary.create_file_writer(str(run.tensorboard))
         write_tensorboard(writer, result, step, pairs)
         writer.close()
     echo(format_result(result, step, source, run.path, pairs))
@@ -122,7 +122,7 @@ def format_result(result, step: int, source: str, run_path: Path, pairs: Path | 
                          f"{summary[f'{space}_train_to_train_p50']:.4f}, near-copy below "
                          f"{summary[f'{space}_threshold']:.4f}")
         lines.append(f"  closest pairs: {pairs}")
-    lines.append(f"  appended to {run_path / 'eval.csv'}")
+    lines.append(f"  appended to {RunDir(run_path).eval_csv}")
     return "\n".join(lines)
 
 
@@ -144,7 +144,7 @@ class TrainingEval:
         samples, source = generate(self.ema_net, self.cfg, e.n, echo=self.echo)
         result = evaluate_images(samples, self.reference, self.extractor, kid_subsets=e.kid_subsets,
                                  kid_subset_size=e.kid_subset_size, seed=e.seed, memorization=True)
-        append_eval_csv(self.run.path / "eval.csv", {"step": step, "epoch": epoch, "source": source,
+        append_csv_row(self.run.eval_csv, {"step": step, "epoch": epoch, "source": source,
                                                      **result.row()})
         if self.writer is not None:
             write_tensorboard(self.writer, result, step)

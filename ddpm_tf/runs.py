@@ -72,7 +72,7 @@ class RunDir:
     def owned_names(self) -> dict[Path, re.Pattern]:
         """{folder: pattern of the file names this tool writes there}; `samples/` is the user's and absent."""
         return {
-            self.path: re.compile(r"^(config\.yaml|metrics\.csv|eval\.csv)$"),
+            self.path: re.compile(r"^(config\.yaml|(metrics|eval)\.csv(\.damaged)?)$"),
             self.checkpoints: re.compile(r"^(checkpoint|written_by\.yaml|ckpt-\d+\.(index|data-\d+-of-\d+))$"),
             self.exports: EXPORT_RE,
             self.previews: re.compile(r"^(latest\.png|preview-epoch\d+-step\d+\.png)$"),
@@ -383,14 +383,52 @@ class RunLock:
             self.held = False
 
 
+def _csv_value(value) -> str:
+    if isinstance(value, (float, np.floating)):
+        return f"{float(value):.6g}"
+    return str(value)
+
+
+def write_csv(path: Path, fields: list, rows: list[dict]) -> None:
+    """Write a CSV whole and rename it into place: a crash never leaves a half row."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: _csv_value(v) for k, v in row.items()} for row in rows)
+    atomic_write_bytes(Path(path), buf.getvalue().encode("utf-8"))
+
+
+def read_csv(path: Path) -> tuple[list, list[dict]]:
+    """(header, rows) of a CSV this tool wrote; ([], []) when missing. A damaged file raises csv.Error."""
+    try:
+        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+            reader = csv.DictReader(f)
+            return list(reader.fieldnames or []), list(reader)
+    except FileNotFoundError:
+        return [], []
+
+
+def append_csv_row(path: Path, row: dict) -> None:
+    """The one write policy of metrics.csv and eval.csv: add a row, columns in first-seen order (a row with
+    new keys widens the header), the file rewritten whole and renamed into place (these files stay small).
+    A file too damaged to read is kept beside as NAME.damaged and a new one started."""
+    path = Path(path)
+    try:
+        fields, rows = read_csv(path)
+    except csv.Error:
+        os.replace(path, path.with_name(path.name + ".damaged"))
+        fields, rows = [], []
+    fields += [key for key in row if key not in fields]
+    write_csv(path, fields, [*rows, row])
+
+
 def _last_metrics_row(run: RunDir) -> dict:
     """The last row of metrics.csv; {} when it is missing, empty or unreadable (the listing goes on)."""
     try:
-        with open(run.metrics_csv, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    except (OSError, UnicodeDecodeError, csv.Error):
+        rows = read_csv(run.metrics_csv)[1]
+    except (OSError, csv.Error):
         return {}
-    return rows[-1] if rows and isinstance(rows[-1], dict) else {}
+    return rows[-1] if rows else {}
 
 
 def describe_runs(root: Path) -> list[dict]:

@@ -163,46 +163,9 @@ def train(cfg, *, restart: bool = False, echo=print, progress_factory=None, log=
 
 
 def _train_locked(cfg, run: RunDir, restart, echo, progress_factory, log) -> RunDir:
-    # --- run directory: resume by default, start over only when asked ----------------------------
-    for p in run.remove_partial_files():
-        log(f"removed {p}, left by an interrupted write")
-    if restart:
-        removed = run.remove_written()
-        echo(f"--restart: removed {len(removed)} files of the previous run in {run.path} (samples/ is kept)")
-    has_checkpoint = any(run.checkpoints.glob("ckpt-*.index"))
-    if has_checkpoint:
-        _check_resume_compatible(run.load_config(), cfg, run)
-        _check_written_by(run, log)
-
-    # --- data --------------------------------------------------------------------------------------
-    # The prepare step of `ddpm prepare`: cheap when the cache is fresh (nothing is decoded again).
-    prepared = prepare(cfg.data, echo=echo, only_changes=True)
-    images = prepared.images(cfg.data.memory_mb)
-    state = RunState(len(images), cfg.train.batch_size, cfg.train.precision)
-    echo(f"data: {len(images)} images from {cfg.data.dir} ({len(prepared.files) - len(images)} skipped, "
-         f"{'memory-mapped' if not isinstance(images, np.ndarray) else 'in memory'}), "
-         f"{state.steps_per_epoch} steps per epoch at batch {cfg.train.batch_size}")
-
-    # --- networks, optimizer, checkpoint ----------------------------------------------------------
-    if cfg.train.deterministic:
-        tf.config.experimental.enable_op_determinism()
-    model, xla = build_diffusion_model(cfg, seed=cfg.train.seed)
-    net, ema_net, optimizer = model.net, model.ema_net, model.optimizer
-    size, channels = cfg.data.image_size, cfg.data.channels
-    compat.build_optimizer(optimizer, net.trainable_variables)
-    echo(f"model: {net.count_params():,} parameters, TensorFlow {compat.TF_VERSION} "
-         f"(Keras {compat.KERAS_VERSION}), {cfg.train.precision}, XLA {'on' if xla else 'off'}")
-
-    ckpt = tf.train.Checkpoint(net=net, ema=ema_net, optimizer=optimizer, rng=model.rng,
-                               ema_updates=model.ema_updates, epoch=state.epoch, batch_in_epoch=state.batch)
-    manager = _checkpoint_manager(ckpt, run, cfg.run.keep_last, log)
-    meta = {"config": to_dict(cfg), "tf": compat.TF_VERSION, "keras": compat.KERAS_VERSION}
-    restored, skipped = _restore_newest_loadable(ckpt, _checkpoint_candidates(run, manager), run, log)
-    if restored:
-        step = int(optimizer.iterations.numpy())
-        _sync_exports(run, ema_net, step, meta, state, keep_later=bool(skipped))
-        epoch, batch = state.position()
-        echo(f"resuming {run.path} from step {step} (epoch {epoch}" + (f", batch {batch})" if batch else ")"))
+    _open_run_dir(cfg, run, restart, echo, log)
+    images, state = _load_data(cfg, echo)
+    model, manager, meta = _build_and_restore(cfg, run, state, echo, log)
     run.save_config(cfg)
     atomic_write_bytes(run.written_by, yaml.safe_dump(
         {"tf": compat.TF_VERSION, "keras": compat.KERAS_VERSION}).encode("utf-8"))
@@ -210,48 +173,104 @@ def _train_locked(cfg, run: RunDir, restart, echo, progress_factory, log) -> Run
     if epoch >= cfg.train.epochs:
         echo(f"{run.path} already has {epoch} of {cfg.train.epochs} epochs; raise train.epochs to go on")
         return run
+    bar = progress_factory(total=state.steps_per_epoch * (cfg.train.epochs - epoch) - batch, desc="train") \
+        if progress_factory else _NullBar()
+    writer = tf.summary.create_file_writer(str(run.tensorboard)) if cfg.run.tensorboard else None
+    try:
+        callbacks, watchdog = _callbacks(cfg, run, model, manager, meta, images, state, bar, writer, echo, log)
+        with _stop_on_signals(state, echo), watchdog:
+            _fit(cfg, model, images, state, callbacks)
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+    return _finish(run, model, manager, state, echo)
 
-    # --- callbacks -----------------------------------------------------------------------------------
-    total_steps = state.steps_per_epoch * (cfg.train.epochs - epoch) - batch
-    bar = progress_factory(total=total_steps, desc="train") if progress_factory else _NullBar()
-    writer = tf.summary.create_file_writer(str(run.path / "tensorboard")) if cfg.run.tensorboard else None
+
+def _open_run_dir(cfg, run: RunDir, restart: bool, echo, log) -> None:
+    """Sweep what a killed write left, start over when asked, and check that a resume is possible."""
+    for p in run.remove_partial_files():
+        log(f"removed {p}, left by an interrupted write")
+    if restart:
+        removed = run.remove_written()
+        echo(f"--restart: removed {len(removed)} files of the previous run in {run.path} (samples/ is kept)")
+    if any(run.checkpoints.glob("ckpt-*.index")):
+        _check_resume_compatible(run.load_config(), cfg, run)
+        _check_written_by(run, log)
+
+
+def _load_data(cfg, echo):
+    """The prepare step of `ddpm prepare` (cheap when the cache is fresh), then (images, RunState)."""
+    prepared = prepare(cfg.data, echo=echo, only_changes=True)
+    images = prepared.images(cfg.data.memory_mb)
+    state = RunState(len(images), cfg.train.batch_size, cfg.train.precision)
+    echo(f"data: {len(images)} images from {cfg.data.dir} ({len(prepared.files) - len(images)} skipped, "
+         f"{'memory-mapped' if not isinstance(images, np.ndarray) else 'in memory'}), "
+         f"{state.steps_per_epoch} steps per epoch at batch {cfg.train.batch_size}")
+    return images, state
+
+
+def _build_and_restore(cfg, run: RunDir, state: RunState, echo, log):
+    """The networks and optimizer, restored from the newest checkpoint that loads: (model, manager, meta)."""
+    if cfg.train.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    model, xla = build_diffusion_model(cfg, seed=cfg.train.seed)
+    net, optimizer = model.net, model.optimizer
+    compat.build_optimizer(optimizer, net.trainable_variables)
+    echo(f"model: {net.count_params():,} parameters, TensorFlow {compat.TF_VERSION} "
+         f"(Keras {compat.KERAS_VERSION}), {cfg.train.precision}, XLA {'on' if xla else 'off'}")
+    ckpt = tf.train.Checkpoint(net=net, ema=model.ema_net, optimizer=optimizer, rng=model.rng,
+                               ema_updates=model.ema_updates, epoch=state.epoch, batch_in_epoch=state.batch)
+    manager = _checkpoint_manager(ckpt, run, cfg.run.keep_last, log)
+    meta = {"config": to_dict(cfg), "tf": compat.TF_VERSION, "keras": compat.KERAS_VERSION}
+    restored, skipped = _restore_newest_loadable(ckpt, _checkpoint_candidates(run, manager), run, log)
+    if restored:
+        step = int(optimizer.iterations.numpy())
+        _sync_exports(run, model.ema_net, step, meta, state, keep_later=bool(skipped))
+        epoch, batch = state.position()
+        echo(f"resuming {run.path} from step {step} (epoch {epoch}" + (f", batch {batch})" if batch else ")"))
+    return model, manager, meta
+
+
+def _callbacks(cfg, run: RunDir, model, manager, meta, images, state: RunState, bar, writer, echo, log):
+    """The periodic work of the fit, and the stall watchdog its first callback beats after every step."""
+    ema_net, size, channels = model.ema_net, cfg.data.image_size, cfg.data.channels
     progress = Progress(state, bar)
     # DDIM with eta 1 (stochastic): clean previews in 50 steps even early in training, where the
     # deterministic eta 0 shows grainy textures.
     preview_sampler = sampler_from_config(ema_net, cfg, "ddim", 50, eta=1.0, spacing="linspace")
     preview_seeds = cfg.run.preview_seed + np.arange(cfg.run.preview_n)
-    checkpointer = Checkpointer(run, manager, state, cfg.run.checkpoint_every, cfg.run.keep_last, ema_net, meta)
-    callbacks = [StateTracker(state), progress, Logger(run, state, progress, writer, cfg.train), checkpointer,
+    watchdog = Watchdog(cfg.run.stall_timeout, "train", "step", start=int(model.optimizer.iterations.numpy()))
+    callbacks = [Heartbeat(watchdog), StateTracker(state), progress, Logger(run, state, progress, writer, cfg.train),
+                 Checkpointer(run, manager, state, cfg.run.checkpoint_every, cfg.run.keep_last, ema_net, meta),
                  Preview(run, state, preview_sampler, preview_seeds, (size, size, channels),
                          cfg.run.preview_every, writer)]
-    # Every finished step beats the stall watchdog (run.stall_timeout), which watches the fit below.
-    watchdog = Watchdog(cfg.run.stall_timeout, "train", "step", start=int(optimizer.iterations.numpy()))
-    callbacks.insert(0, Heartbeat(watchdog))
     if cfg.train.eval_every:
         from .quality import TrainingEval
 
         in_memory = images if isinstance(images, np.ndarray) else images.load()  # the features need every image
         callbacks.append(Evaluate(state, TrainingEval(run, cfg, ema_net, in_memory, writer, log),
                                   cfg.train.eval_every, echo))
+    return callbacks, watchdog
 
-    # --- fit: a partial epoch first when resuming mid-epoch, then whole epochs ---------------------
-    try:
-        with _stop_on_signals(state, echo), watchdog:
-            if batch:
-                ds = make_dataset(images, cfg.train.batch_size, cfg.train.seed, epoch, cfg.data.flip, skip=batch)
-                model.fit(ds, epochs=epoch + 1, initial_epoch=epoch, steps_per_epoch=state.steps_per_epoch - batch,
-                          callbacks=callbacks, verbose=0, shuffle=False)
-            epoch, batch = state.position()
-            if not batch and epoch < cfg.train.epochs and not (state.interrupt or state.nonfinite_step):
-                ds = make_dataset(images, cfg.train.batch_size, cfg.train.seed, epoch, cfg.data.flip)
-                model.fit(ds, epochs=cfg.train.epochs, initial_epoch=epoch, steps_per_epoch=state.steps_per_epoch,
-                          callbacks=callbacks, verbose=0, shuffle=False)
-    finally:
-        bar.close()
-        if writer is not None:
-            writer.close()
 
-    step = int(optimizer.iterations.numpy())
+def _fit(cfg, model, images, state: RunState, callbacks) -> None:
+    """A partial epoch first when resuming mid-epoch, then whole epochs (data order: seed and epoch)."""
+    epoch, batch = state.position()
+    if batch:
+        ds = make_dataset(images, cfg.train.batch_size, cfg.train.seed, epoch, cfg.data.flip, skip=batch)
+        model.fit(ds, epochs=epoch + 1, initial_epoch=epoch, steps_per_epoch=state.steps_per_epoch - batch,
+                  callbacks=callbacks, verbose=0, shuffle=False)
+    epoch, batch = state.position()
+    if not batch and epoch < cfg.train.epochs and not (state.interrupt or state.nonfinite_step):
+        ds = make_dataset(images, cfg.train.batch_size, cfg.train.seed, epoch, cfg.data.flip)
+        model.fit(ds, epochs=cfg.train.epochs, initial_epoch=epoch, steps_per_epoch=state.steps_per_epoch,
+                  callbacks=callbacks, verbose=0, shuffle=False)
+
+
+def _finish(run: RunDir, model, manager, state: RunState, echo) -> RunDir:
+    """Say how the fit ended: done, interrupted (saved), or stopped by a non-finite loss."""
+    step = int(model.optimizer.iterations.numpy())
     if state.nonfinite_step is not None:
         raise TrainingStopped(
             f"the loss became NaN or infinite at step {state.nonfinite_step}; training stopped and nothing of "

@@ -15,7 +15,6 @@ from ddpm_tf.evaluate import (
     INCEPTION_NOTOP_FILE,
     EvalError,
     KerasFeatures,
-    append_eval_csv,
     evaluate_images,
     load_features,
     load_image_folder,
@@ -26,6 +25,7 @@ from ddpm_tf.evaluate import (
 from ddpm_tf.images import save_png
 from ddpm_tf.memorization import flip_images, memorization_report, save_pairs_png
 from ddpm_tf.metrics import fid, frechet_distance, kid, mmd2_unbiased, polynomial_kernel
+from ddpm_tf.runs import append_csv_row
 
 
 def rotation(d: int, rng) -> np.ndarray:
@@ -194,8 +194,8 @@ def test_pairs_png(planted, tmp_path):
 
 def test_eval_csv_round_trip(tmp_path):
     path = tmp_path / "eval.csv"
-    append_eval_csv(path, {"step": 100, "kid_mean": 0.0123456789, "fid": 12.5})
-    append_eval_csv(path, {"step": 200, "kid_mean": -1e-4, "fid": 10.0, "near_copy_share": 0.25})
+    append_csv_row(path, {"step": 100, "kid_mean": 0.0123456789, "fid": 12.5})
+    append_csv_row(path, {"step": 200, "kid_mean": -1e-4, "fid": 10.0, "near_copy_share": 0.25})
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         rows = list(reader)
@@ -215,7 +215,7 @@ def test_evaluate_images_end_to_end(planted, extractor, tmp_path):
     assert np.isfinite(result.fid) and result.fid >= 0
     row = result.row()
     assert row["kid_mean"] == result.kid_mean and "pixel_sample_to_train_p50" in row
-    append_eval_csv(tmp_path / "eval.csv", {"step": 7, **row})
+    append_csv_row(tmp_path / "eval.csv", {"step": 7, **row})
     save_memorization_csv(tmp_path / "memorization.csv", result.memorization)
     with open(tmp_path / "memorization.csv", newline="", encoding="utf-8") as f:
         assert len(list(csv.DictReader(f))) == 24

@@ -288,6 +288,15 @@ def trained(tmp_path_factory):
     return root
 
 
+def copy_of(trained: Path, tmp_path: Path, epochs: int):
+    """(config, RunDir) of a copy of the trained project, its config asking for `epochs` epochs."""
+    shutil.copytree(trained, tmp_path / "p", symlinks=True)
+    cfg = write_config(tmp_path / "p" / "c.yaml", {"run": {"dir": str(tmp_path / "p" / "run"), "preview_every": 0},
+                                                   "data": {"dir": str(tmp_path / "p" / "images")},
+                                                   "train": {"epochs": epochs}})
+    return cfg, RunDir(tmp_path / "p" / "run")
+
+
 def damage(run: RunDir, how: str) -> None:
     data, index = run.checkpoints / "ckpt-4.data-00000-of-00001", run.checkpoints / "ckpt-4.index"
     if how == "truncated-data":
@@ -303,11 +312,7 @@ def damage(run: RunDir, how: str) -> None:
 
 @pytest.mark.parametrize("how", ["truncated-data", "missing-data", "truncated-index", "garbage-state"])
 def test_resume_skips_a_damaged_newest_checkpoint(trained, tmp_path, how):
-    shutil.copytree(trained, tmp_path / "p", symlinks=True)
-    cfg = write_config(tmp_path / "p" / "c.yaml", {"run": {"dir": str(tmp_path / "p" / "run"), "preview_every": 0},
-                                                   "data": {"dir": str(tmp_path / "p" / "images")},
-                                                   "train": {"epochs": 3}})
-    run = RunDir(tmp_path / "p" / "run")
+    cfg, run = copy_of(trained, tmp_path, epochs=3)
     damage(run, how)
     result = CliRunner().invoke(main, ["train", "--config", str(cfg)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -317,11 +322,7 @@ def test_resume_skips_a_damaged_newest_checkpoint(trained, tmp_path, how):
 
 
 def test_no_loadable_checkpoint_says_how_to_start_over(trained, tmp_path):
-    shutil.copytree(trained, tmp_path / "p", symlinks=True)
-    cfg = write_config(tmp_path / "p" / "c.yaml", {"run": {"dir": str(tmp_path / "p" / "run"), "preview_every": 0},
-                                                   "data": {"dir": str(tmp_path / "p" / "images")},
-                                                   "train": {"epochs": 3}})
-    run = RunDir(tmp_path / "p" / "run")
+    cfg, run = copy_of(trained, tmp_path, epochs=3)
     for p in run.checkpoints.glob("ckpt-*.data-*"):
         p.write_bytes(b"")
     before = snapshot(run.checkpoints)
@@ -331,11 +332,7 @@ def test_no_loadable_checkpoint_says_how_to_start_over(trained, tmp_path):
 
 
 def test_a_garbage_written_by_warns_and_resumes(trained, tmp_path):
-    shutil.copytree(trained, tmp_path / "p", symlinks=True)
-    cfg = write_config(tmp_path / "p" / "c.yaml", {"run": {"dir": str(tmp_path / "p" / "run"), "preview_every": 0},
-                                                   "data": {"dir": str(tmp_path / "p" / "images")},
-                                                   "train": {"epochs": 3}})
-    run = RunDir(tmp_path / "p" / "run")
+    cfg, run = copy_of(trained, tmp_path, epochs=3)
     run.written_by.write_bytes(b"\xff\x00: [")
     result = invoke("train", "--config", cfg)
     assert result.exit_code == 0, result.output
@@ -343,11 +340,7 @@ def test_a_garbage_written_by_warns_and_resumes(trained, tmp_path):
 
 
 def test_restart_removes_everything_the_run_wrote_but_samples(trained, tmp_path):
-    shutil.copytree(trained, tmp_path / "p", symlinks=True)
-    cfg = write_config(tmp_path / "p" / "c.yaml", {"run": {"dir": str(tmp_path / "p" / "run"), "preview_every": 0},
-                                                   "data": {"dir": str(tmp_path / "p" / "images")},
-                                                   "train": {"epochs": 1}})
-    run = RunDir(tmp_path / "p" / "run")
+    cfg, run = copy_of(trained, tmp_path, epochs=1)
     run.eval_csv.write_text("step,kid\n4,0.1\n", encoding="utf-8")
     (run.eval_dir).mkdir()
     (run.eval_dir / "samples-step4-x-n4.png").write_bytes(b"x")
