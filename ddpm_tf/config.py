@@ -99,7 +99,7 @@ def _spec(default, *, lo=None, hi=None, choices=None, help=""):
 @dataclass(frozen=True)
 class RunConfig:
     dir: str = _spec("runs/default", help="the run directory: config, checkpoints, exports, previews")
-    checkpoint_every: int = _spec(5, lo=1, help="save a checkpoint every N epochs")
+    checkpoint_every: int = _spec(5, lo=1, help="save a checkpoint (and an EMA export) every N epochs")
     keep_last: int = _spec(3, lo=1, help="checkpoints kept on disk")
     preview_every: int = _spec(5, lo=0, help="write a preview grid every N epochs (0: never)")
     preview_n: int = _spec(16, lo=1, hi=256, help="images in a preview grid")
@@ -107,7 +107,8 @@ class RunConfig:
     tensorboard: bool = _spec(True, help="write TensorBoard logs to RUN/tensorboard")
     stall_timeout: float = _spec(900.0, lo=0.0, hi=604800.0,
                                  help="seconds without a finished train step or sampler chunk before a warning "
-                                      "with every thread's stack (0: off; the first, which compiles, gets 4x)")
+                                      "with every thread's stack (0: off; the first step or chunk, which traces "
+                                      "and compiles, gets 4x)")
 
 
 @dataclass(frozen=True)
@@ -117,18 +118,22 @@ class DataConfig:
     channels: int = _spec(3, choices=(1, 3), help="1 = grayscale, 3 = RGB")
     min_side: int = _spec(16, lo=1, help="images whose shorter side is below this are skipped")
     flip: bool = _spec(True, help="random horizontal flips")
-    cache: str = _spec("auto", help="folder of the prepared cache (auto: data/cache/NAME-KEY under the working "
-                                    "directory, KEY from the folder's path and the settings)")
+    cache: str = _spec("auto", help="folder of the prepared cache; `auto`: `data/cache/NAME-KEY` under the working "
+                                    "directory, KEY from the folder's path and the settings")
     crop: str = _spec("center", choices=("center", "face", "none"),
-                      help="center square, face (centre on the largest face; needs the face extra), none (pad)")
-    background: str = _spec("white", help="colour under transparency and padding: a name or #rrggbb")
+                      help="`center` (square), `face` (centred on the largest face, needs the `face` extra), "
+                           "`none` (pad to square)")
+    background: str = _spec("white", help="colour under transparency and padding: a name or `#rrggbb`")
     max_pixels: int = _spec(100_000_000, lo=1, help="images with more pixels are skipped as decompression bombs")
     near_duplicate_threshold: int = _spec(6, lo=-1, hi=64,
-                                          help="max bits of 64 (perceptual hash) apart for a near duplicate (-1: off)")
+                                          help="perceptual-hash bits (of 64) within which an image is a "
+                                               "near-duplicate candidate (-1: off)")
     near_duplicate_rms: float = _spec(4.0, lo=0.0, hi=255.0,
-                                      help="...and max grey levels RMS apart on 16x16 thumbnails (copies are ~1)")
+                                      help="...confirmed when the 16x16 grayscale thumbnails are within this many "
+                                           "grey levels RMS (a re-encoded or resized copy is about 1)")
     workers: int = _spec(0, lo=0, hi=256, help="decoding processes (0: one per CPU core)")
-    memory_mb: int = _spec(1024, lo=0, help="caches up to this size are loaded into memory, larger ones memory-mapped")
+    memory_mb: int = _spec(1024, lo=0,
+                           help="caches up to this size are loaded into memory, larger ones read memory-mapped")
 
 
 @dataclass(frozen=True)
@@ -136,7 +141,8 @@ class ModelConfig:
     base_channels: int = _spec(64, lo=8, hi=1024, help="width of the first level")
     channel_mult: tuple = _spec((1, 2, 4, 8), lo=1, hi=64, help="width multiplier per level")
     num_res_blocks: int = _spec(2, lo=1, hi=8, help="residual blocks per level going down (+1 going up)")
-    attention_resolutions: tuple = _spec((16, 8), lo=1, hi=1024, help="feature-map sizes with self-attention")
+    attention_resolutions: tuple = _spec((16, 8), lo=1, hi=1024,
+                                         help="feature-map sizes with self-attention (the middle always has it)")
     attention_heads: int = _spec(1, lo=1, hi=64, help="heads in every self-attention block")
     dropout: float = _spec(0.1, lo=0.0, hi=0.9, help="dropout inside residual blocks")
     norm_groups: int = _spec(32, lo=1, hi=1024, help="GroupNorm groups; must divide every width")
@@ -148,30 +154,36 @@ class DiffusionConfig:
     beta_start: float = _spec(1e-4, lo=1e-8, hi=0.5, help="first beta of the linear schedule")
     beta_end: float = _spec(0.02, lo=1e-8, hi=0.999, help="last beta of the linear schedule")
     schedule: str = _spec("linear", choices=("linear", "cosine"),
-                          help="beta schedule: linear (Ho et al. 2020) or cosine (Nichol & Dhariwal 2021)")
+                          help="beta schedule: `linear` (Ho et al. 2020) or `cosine` (Nichol & Dhariwal 2021, "
+                               "betas clipped at 0.999)")
     cosine_s: float = _spec(0.008, lo=0.0, hi=0.5, help="offset s of the cosine schedule")
     prediction: str = _spec("eps", choices=("eps", "v", "x0"),
-                            help="what the network predicts: noise, v (Salimans & Ho 2022) or clean image")
+                            help="what the network predicts: `eps` (noise), `v` (Salimans & Ho 2022) or `x0` "
+                                 "(clean image); every sampler works with each")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = _spec(500, lo=1, help="passes over the data set")
+    epochs: int = _spec(500, lo=1, help="passes over the data set (every image once per epoch)")
     batch_size: int = _spec(64, lo=1, hi=65536, help="images per step")
     learning_rate: float = _spec(2e-4, lo=1e-8, hi=1.0, help="Adam learning rate")
     ema_decay: float = _spec(0.999, lo=0.0, hi=1.0, help="EMA decay of the sampling weights")
     ema_warmup: bool = _spec(True, help="EMA decay min(decay, (1+step)/(10+step)) so early samples work")
-    seed: int = _spec(0, lo=0, hi=SEED_MAX, help="seed of data order, flips, timesteps and noise")
+    seed: int = _spec(0, lo=0, hi=SEED_MAX, help="seed of initial weights, data order, flips, timesteps and noise")
     warmup_steps: int = _spec(0, lo=0, help="linear learning-rate warm-up over this many steps (0: off)")
     grad_clip: float = _spec(1.0, lo=0.0, help="global gradient-norm clip (0: off)")
     deterministic: bool = _spec(False, help="TF op determinism: a resumed run equals an uninterrupted one")
     precision: str = _spec("float32", choices=("float32", "mixed_float16", "mixed_bfloat16"),
-                           help="numeric precision of the network (the loss and EMA stay float32)")
+                           help="`float32`, `mixed_float16` (dynamic loss scaling) or `mixed_bfloat16`; the loss and "
+                                "EMA stay float32")
     loss_weighting: str = _spec("none", choices=("none", "min_snr"),
-                                help="per-timestep loss weights: none, or min-SNR-gamma (Hang et al. 2023)")
+                                help="per-timestep loss weights: `none`, or `min_snr` (Hang et al. 2023), the "
+                                     "x0-space error weighted by min(SNR, gamma), converted for each prediction")
     min_snr_gamma: float = _spec(5.0, lo=0.01, hi=1000.0, help="gamma of min-SNR weighting")
-    jit_compile: str = _spec("auto", choices=("auto", "true", "false"), help="XLA for the train step and the sampler")
-    eval_every: int = _spec(0, lo=0, help="KID/FID (the eval section's settings) every N epochs during training (0: never)")
+    jit_compile: str = _spec("auto", choices=("auto", "true", "false"),
+                             help="XLA for the train step and the sampler: `auto` = on with a GPU, off on a CPU")
+    eval_every: int = _spec(0, lo=0, help="KID/FID/near-copies (the `eval` section's settings) every N epochs, "
+                                          "to `RUN/eval.csv` and TensorBoard (0: never)")
 
 
 @dataclass(frozen=True)
@@ -179,22 +191,26 @@ class SampleConfig:
     n: int = _spec(64, lo=1, hi=100000, help="images to generate")
     batch_size: int = _spec(64, lo=1, hi=4096, help="images per sampler batch")
     seed: int = _spec(0, lo=0, hi=SEED_MAX, help="image i uses seed + i")
-    sampler: str = _spec("ddpm", choices=("ddpm", "ddim", "dpmpp_2m"), help="reverse sampler")
+    sampler: str = _spec("ddpm", choices=("ddpm", "ddim", "dpmpp_2m"), help="`ddpm`, `ddim` or `dpmpp_2m`")
     steps: int = _spec(0, lo=0, hi=100000, help="sampler steps (0: the sampler's default: 1000, 50, 20)")
     eta: float = _spec(0.0, lo=0.0, hi=1.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
-    spacing: str = _spec("linspace", choices=("linspace", "trailing"), help="which timesteps a short sampler visits")
-    variance: str = _spec("small", choices=("small", "large"), help="DDPM reverse variance: posterior or beta")
+    spacing: str = _spec("linspace", choices=("linspace", "trailing"),
+                         help="which timesteps a short sampler visits: `linspace` or `trailing`")
+    variance: str = _spec("small", choices=("small", "large"),
+                          help="DDPM reverse variance: `small` (posterior) or `large` (beta)")
     clip_x0: bool = _spec(True, help="clip the predicted x0 to [-1, 1] at every step")
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    features: str = _spec("imagenet", help="feature network: imagenet (Keras' Inception-V3) or a .h5/.keras file")
-    n: int = _spec(256, lo=2, hi=100000, help="samples generated for `ddpm eval` and train.eval_every")
+    features: str = _spec("imagenet", help="feature network of `ddpm eval`: `imagenet` (Keras' Inception-V3, "
+                                           "downloaded once) or a `.h5`/`.keras` file")
+    n: int = _spec(256, lo=2, hi=100000, help="samples generated for `ddpm eval` and `train.eval_every`")
     sampler: str = _spec("ddim", choices=("ddpm", "ddim", "dpmpp_2m"), help="sampler of the evaluated images")
     steps: int = _spec(0, lo=0, hi=100000, help="its steps (0: the sampler's default: 1000, 50, 20)")
     eta: float = _spec(1.0, lo=0.0, hi=1.0, help="its DDIM eta")
-    seed: int = _spec(100000, lo=0, hi=SEED_MAX, help="first seed of the evaluated samples (fixed: comparable runs)")
+    seed: int = _spec(100000, lo=0, hi=SEED_MAX,
+                      help="first seed of the evaluated samples (fixed, so runs compare on the same noise)")
     kid_subsets: int = _spec(100, lo=1, hi=10000, help="KID is averaged over this many random subsets")
     kid_subset_size: int = _spec(100, lo=2, hi=100000,
                                  help="images per KID subset (at most the set sizes; below them, so the std means something)")
@@ -444,7 +460,7 @@ def dump_yaml(cfg: Config) -> str:
 
 
 def describe_keys() -> list[tuple[str, Any, str]]:
-    """(key, default, help) for every config key, for the README and `--help`."""
+    """(key, default, help) for every config key: docs/configuration.md's table (scripts/config_table.py)."""
     rows = []
     for section, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):

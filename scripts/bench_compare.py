@@ -327,7 +327,8 @@ def gflops_rows(summary: dict, precisions: list[str]) -> list[dict]:
 
 
 def print_gflops(rows: list[dict]) -> None:
-    print("\nour train GFLOP/s (median) against a large convolution on this kind of machine (README):")
+    print("\nour train GFLOP/s (median) against a large convolution on this kind of machine "
+          "(docs/performance.md):")
     for r in rows:
         if r["train_gflop_per_s"] is None:
             print(f"  {r['precision']:<16} n/a")

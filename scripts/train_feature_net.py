@@ -1,7 +1,7 @@
 """Train a small face-identity network on the ORL faces and save it as a feature extractor for `ddpm eval`.
 
 FID and KID are usually computed in the feature space of ImageNet's Inception-V3. Where Keras cannot
-download those weights (an offline machine, like the one the README's figures come from), a
+download those weights (an offline machine, like the one docs/evaluation.md's figures come from), a
 domain-specific network is the usual substitute: FID on MNIST is customarily computed with a small
 MNIST classifier. This script trains a CNN to tell the 40 ORL people apart (8 photos each for
 training, 2 held out to report accuracy), then saves the network up to its 128-d penultimate layer as

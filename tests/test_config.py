@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from ddpm_tf.config import Config, from_dict, load_config, to_dict
@@ -69,16 +71,50 @@ def test_shipped_configs_are_valid():
         load_config(path)
 
 
-def test_readme_documents_every_key_with_its_default():
-    from pathlib import Path
+ROOT = Path(__file__).parent.parent
+REFERENCE = ROOT / "docs" / "configuration.md"
 
+
+def _config_table():
+    """scripts/config_table.py as a module (scripts/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("config_table", ROOT / "scripts" / "config_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_configuration_reference_documents_every_key_with_its_default():
     from ddpm_tf.config import describe_keys
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    # Rendered here, independently of the generator: YAML spellings, tuples as lists.
+    page = REFERENCE.read_text(encoding="utf-8")
     for key, default, _ in describe_keys():
         shown = str(list(default) if isinstance(default, tuple) else default)
         shown = shown.lower() if isinstance(default, bool) else shown
-        assert f"| `{key}` | `{shown}` |" in readme, f"README's config table lacks {key} = {shown}"
+        assert f"| `{key}` | `{shown}` |" in page, f"{REFERENCE.name}'s config table lacks {key} = {shown}"
+
+
+def test_configuration_table_is_the_one_generated_from_the_specs(tmp_path, capsys):
+    tool = _config_table()
+    page = REFERENCE.read_text(encoding="utf-8")
+    problem = tool.first_difference(page, tool.render_table())
+    assert problem is None, f"{problem}\nrun `python scripts/config_table.py --write`"
+    assert tool.replace_block(page, tool.render_table()) == page
+    assert tool.main(["--check", "--file", str(REFERENCE)]) == 0
+    # A drifted default, a key the code no longer has and a lost marker are each caught, by line.
+    for stale, needle in [(page.replace("| `train.epochs` | `500` |", "| `train.epochs` | `400` |"), "train.epochs"),
+                          (page.replace(tool.END, "| `train.gone` | `1` | a removed key |\n" + tool.END), "extra"),
+                          (page.replace(tool.END, ""), "config-table:end")]:
+        path = tmp_path / "configuration.md"
+        path.write_text(stale, encoding="utf-8")
+        assert tool.main(["--check", "--file", str(path)]) == 1
+        assert needle in capsys.readouterr().err
+    # --write repairs a stale table and leaves the hand-written text around it alone.
+    path.write_text(page.replace("| `train.epochs` | `500` |", "| `train.epochs` | `400` |"), encoding="utf-8")
+    assert tool.main(["--write", "--file", str(path)]) == 0
+    assert path.read_text(encoding="utf-8") == page
 
 
 # --- numbers and parsing (issue 11, section 5) ---------------------------------------------------------
