@@ -159,12 +159,13 @@ class RunDir:
                     p.unlink()
                     removed.append(p)
                 elif _TF_TEMP_DIR_RE.match(p.name) and p.is_dir() and not p.is_symlink():
-                    parts = [q for q in p.iterdir() if _TF_TEMP_PART_RE.match(q.name) and q.is_file()]
-                    for q in parts:
-                        q.unlink()
+                    for q in p.iterdir():
+                        if _TF_TEMP_PART_RE.match(q.name) and q.is_file() and not q.is_symlink():
+                            q.unlink()
+                            removed.append(q)
                     if not any(p.iterdir()):
                         p.rmdir()
-                    removed.append(p)
+                        removed.append(p)
         return removed
 
     def _sample_folders(self) -> list[Path]:

@@ -90,9 +90,10 @@ def test_the_sweep_and_restart_touch_only_this_tools_names(tmp_path):
     tf_temp = run.checkpoints / "ckpt-9_temp"
     tf_temp.mkdir()
     (tf_temp / "part-00000-of-00001.data-00000-of-00001").write_bytes(b"x")
+    partial += [tf_temp / "part-00000-of-00001.data-00000-of-00001", tf_temp]
 
     removed = run.remove_partial_files()
-    assert sorted(removed) == sorted(partial + [tf_temp])
+    assert sorted(removed) == sorted(partial)
     assert all(p.exists() for p in ours + theirs + [live])
 
     removed = run.remove_written()  # what --restart deletes
@@ -352,3 +353,24 @@ def test_restart_removes_everything_the_run_wrote_but_samples(trained, tmp_path)
     assert sorted(run.export_paths()) == [2] and (run.samples / "00001-grid.png").read_bytes() == b"kept"
     with open(run.metrics_csv, encoding="utf-8") as f:
         assert len(f.read().splitlines()) == 2  # the header and the one new epoch
+
+
+def test_a_resume_across_keras_lines_is_refused_untouched(trained, tmp_path):
+    from ddpm_tf import compat
+
+    cfg, run = copy_of(trained, tmp_path, epochs=3)
+    other = "2.10.0" if compat.KERAS3 else "3.15.0"
+    run.written_by.write_text(f"tf: x\nkeras: {other}\n", encoding="utf-8")
+    before = snapshot(run.path)
+    result = invoke("train", "--config", cfg)
+    assert result.exit_code == 1 and f"written by Keras {other}" in result.output and "--restart" in result.output
+    assert snapshot(run.path) == before
+
+
+def test_runs_lists_step_epoch_and_loss(trained):
+    result = invoke("runs", "--runs-root", trained)
+    assert result.exit_code == 0, result.output
+    header, row = result.output.splitlines()
+    assert header.split()[:4] == ["run", "step", "epoch", "loss"]
+    cells = row.split()
+    assert cells[0] == str(trained / "run") and cells[1:3] == ["4", "2"] and float(cells[3]) > 0

@@ -199,5 +199,5 @@ def test_partial_files_are_removed(project):
     (run.exports / ".ema-00000007.npz.tmp-999999999").write_bytes(b"x")  # no process has that id
     (run.exports / "ema-00000005.npz").write_bytes(b"kept")
     removed = run.remove_partial_files()
-    assert len(removed) == 2 and (run.exports / "ema-00000005.npz").exists()
+    assert len(removed) == 3 and (run.exports / "ema-00000005.npz").exists()
     assert not (run.checkpoints / "ckpt-7_temp").exists()
