@@ -125,7 +125,7 @@ def prepare(src, size, channels, crop, out, config_path, overrides):
     flags = {"dir": src, "image_size": size, "channels": channels, "crop": crop, "cache": out}
     sets = [f"data.{k}={v}" for k, v in flags.items() if v is not None] + list(overrides)
     cfg = _user_errors(load_config, config_path, sets)
-    from .prepare import prepare as run_prepare
+    from .data.prepare import prepare as run_prepare
 
     _user_errors(run_prepare, cfg.data, echo=click.echo, progress_factory=_progress)
 

@@ -165,8 +165,8 @@ def load_features(spec=None, *, batch_size: int = 32) -> KerasFeatures:
 
 def load_image_folder(path: Path, size: int, channels: int, warn=None) -> np.ndarray:
     """Every usable image under a folder as (N, size, size, channels) uint8 (centre-cropped, resized)."""
-    from .data import DecodeSettings, decode_file
-    from .prepare import scan
+    from .data.decode import DecodeSettings, decode_file
+    from .data.prepare import scan
 
     warn = warn or (lambda msg: warnings.warn(msg, stacklevel=2))
     if not Path(path).is_dir():

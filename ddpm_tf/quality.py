@@ -29,7 +29,7 @@ from .seeds import check_seed_range
 def training_images(cfg, echo=print) -> np.ndarray:
     """The run's training set as (N, S, S, C) uint8, exactly as training reads it (from its data cache,
     which is brought up to date first, as `ddpm train` does)."""
-    from .prepare import prepare
+    from .data.prepare import prepare
 
     prepared = prepare(cfg.data, echo=lambda msg: None, only_changes=True)
     images = prepared.images(memory_mb=float("inf"))  # the features need every image in memory

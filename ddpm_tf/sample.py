@@ -226,7 +226,7 @@ def img2img(run_dir: Path | None, image: Path, *, strength: float = 0.5, seed: i
             overwrite: bool = False, echo=print) -> Path:
     """SDEdit (Meng et al. 2021): noise an image to the timestep matching `strength` (0: unchanged, 1: pure
     noise) and denoise it with DDIM. Writes the input and the result side by side. Returns its path."""
-    from .data import decode_checked
+    from .data.decode import decode_checked
 
     run, cfg, net, step = load_run(run_dir, runs_root, checkpoint)
     outputs = Outputs(out, run.samples, f"img2img-{Path(image).stem}-s{strength:g}-seed{seed}.png",

@@ -24,11 +24,11 @@ from .callbacks import (
 )
 from .compat import tf
 from .config import to_dict
-from .data import make_dataset
+from .data.pipeline import make_dataset
+from .data.prepare import prepare
 from .diffusion import build_diffusion_model
 from .errors import ConfigError, Interrupted, RunError
 from .images import atomic_write_bytes
-from .prepare import prepare
 from .runs import RunDir, RunLock
 from .sample import sampler_from_config
 from .watchdog import Watchdog

@@ -34,7 +34,7 @@ def make_jpegs(folder: Path, n: int, side: int, seed: int = 0) -> None:
 
 
 def timed(data_cfg, draft: bool) -> tuple[float, int]:
-    from ddpm_tf.prepare import prepare
+    from ddpm_tf.data.prepare import prepare
 
     start = time.perf_counter()
     result = prepare(data_cfg, echo=lambda text: None, draft=draft)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def load_people(root: Path, size: int):
     """(images uint8 (N, S, S, 1), person labels) of the ORL layout root/sK/*.pgm."""
-    from ddpm_tf.data import load_image
+    from ddpm_tf.data.decode import load_image
 
     images, labels = [], []
     folders = sorted((p for p in root.glob("s*") if p.is_dir()), key=lambda p: int(p.name[1:]))

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm_tf.cache import ShardedImages
 from ddpm_tf.config import DataConfig
-from ddpm_tf.data import load_image, make_dataset, to_mode
+from ddpm_tf.data.cache import ShardedImages
+from ddpm_tf.data.decode import load_image, to_mode
+from ddpm_tf.data.pipeline import make_dataset
+from ddpm_tf.data.prepare import prepare
 from ddpm_tf.errors import DataError
-from ddpm_tf.prepare import prepare
 
 
 def test_exif_rotation_and_centre_crop(tmp_path):
@@ -46,7 +47,7 @@ def test_jpeg_draft_mode_stays_close_to_a_full_decode(tmp_path):
     arr = np.stack([xx // 2, yy // 2, (xx + yy) // 4], axis=-1).astype(np.uint8)
     path = tmp_path / "big.jpg"
     Image.fromarray(arr).save(path, quality=95)
-    from ddpm_tf.data import DecodeSettings, decode_file
+    from ddpm_tf.data.decode import DecodeSettings, decode_file
 
     fast = decode_file(path, DecodeSettings(32, 3, draft=True)).pixels.astype(int)
     full = decode_file(path, DecodeSettings(32, 3, draft=False)).pixels.astype(int)
@@ -66,7 +67,7 @@ def _batches(ds, steps):
 
 
 def test_memory_mapped_shards_give_the_same_batches(tmp_path, monkeypatch):
-    from ddpm_tf import cache
+    from ddpm_tf.data import cache
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (23, 4, 4, 3), dtype=np.uint8)

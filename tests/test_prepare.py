@@ -17,10 +17,11 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from ddpm_tf import data, prepare
-from ddpm_tf.cache import INDEX, MANIFEST
 from ddpm_tf.cli import main
 from ddpm_tf.config import DataConfig
+from ddpm_tf.data import decode as data
+from ddpm_tf.data import prepare
+from ddpm_tf.data.cache import INDEX, MANIFEST
 
 SIZE = 16
 
@@ -405,7 +406,7 @@ def test_names_that_are_not_utf8_are_used_and_shown(tmp_path):
 
 
 def test_a_failed_write_leaves_the_old_cache_and_no_orphan_shard(tmp_path, monkeypatch):
-    from ddpm_tf import cache as cache_mod
+    from ddpm_tf.data import cache as cache_mod
 
     src, out = tmp_path / "src", tmp_path / "cache"
     src.mkdir()

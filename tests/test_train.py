@@ -7,7 +7,7 @@ import pytest
 
 from ddpm_tf.compat import keras, tf
 from ddpm_tf.config import DiffusionConfig, ModelConfig, TrainConfig
-from ddpm_tf.data import make_dataset
+from ddpm_tf.data.pipeline import make_dataset
 from ddpm_tf.diffusion import DiffusionModel, ema_decay_at
 from ddpm_tf.sample import Sampler
 from ddpm_tf.schedule import Schedule

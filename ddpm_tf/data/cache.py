@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import open_regular, shown
-from .errors import DataError
-from .images import atomic_write_bytes
+from ..errors import DataError
+from ..images import atomic_write_bytes
+from .decode import open_regular, shown
 
 FORMAT = "ddpm_tf prepared images"
 VERSION = 2  # 2: near-duplicate thumbnails replace mean colours in the entries

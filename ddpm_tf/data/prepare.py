@@ -40,8 +40,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..errors import DataError
 from . import cache as cache_mod
-from .data import (
+from .decode import (
     IMAGE_SUFFIXES,
     NOT_A_FILE,
     NOT_AN_IMAGE,
@@ -53,7 +54,6 @@ from .data import (
     settings_from_config,
     shown,
 )
-from .errors import DataError
 
 DUPLICATE = "duplicate"
 NEAR_DUPLICATE = "near-duplicate"
