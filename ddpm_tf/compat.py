@@ -5,6 +5,7 @@ The rest of the package imports `tf` and `keras` from here and never branches on
 
 from __future__ import annotations
 
+import os
 import sys
 
 try:
@@ -22,6 +23,19 @@ keras = tf.keras
 KERAS_VERSION: str = keras.__version__ if hasattr(keras, "__version__") else tf.__version__
 KERAS3: bool = int(KERAS_VERSION.split(".")[0]) >= 3
 TF_VERSION: str = tf.__version__
+
+# TF 2.10 ships oneDNN 2.6.3, whose AMX bfloat16 weight-gradient convolution
+# (jit_avx512_core_amx_convolution_bwd_weights_t) spins in a barrier that needs all its threads running at once,
+# which TensorFlow's thread pool does not promise: its jobs queue on the shared intra-op threads, so with two such
+# convolutions running at once (inter-op parallelism) each thread can take half of a different one and both spin
+# forever (issue 11; oneDNN 2.7 guards that barrier: upstream commit 6a4a232f, "fix possible hang with unsyncable
+# runtime"). Capping oneDNN below AMX selects the AVX-512 BF16 kernel, which needs no barrier there. oneDNN reads the
+# cap once, at the process's first primitive (a float32 one freezes it too), so it is set here, before any op has
+# run. A no-op on CPUs without AMX and for float32 and float16 (oneDNN 2.6 has AMX kernels only for bfloat16 and
+# int8). A cap the user set is kept.
+ONEDNN_ISA_CAP: str | None = "AVX512_CORE_BF16" if tuple(map(int, TF_VERSION.split(".")[:2])) < (2, 11) else None
+if ONEDNN_ISA_CAP and not (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")):
+    os.environ["ONEDNN_MAX_CPU_ISA"] = ONEDNN_ISA_CAP
 
 
 def variable_key(variable) -> str:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from test_train import MODEL, fixed_loss, smooth_images
@@ -29,6 +34,36 @@ def build(precision, jit=False, seed=0, lr=1e-3):
     model = DiffusionModel(net, ema, Schedule.from_config(DiffusionConfig(timesteps=100)), train_cfg)
     model.compile(optimizer=make_optimizer(train_cfg), **compat.compile_kwargs(jit))
     return model
+
+
+# A fresh process: oneDNN fixes its ISA at the first primitive, so only a new process shows what compat sets.
+FIRST_BF16_STEPS = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+from test_precision import build
+from test_train import smooth_images
+from ddpm_tf.compat import tf
+model = build("mixed_bfloat16")
+model.fit(tf.data.Dataset.from_tensors(smooth_images()).repeat(3), epochs=1, verbose=0, shuffle=False)
+print("isa cap:", os.environ.get("ONEDNN_MAX_CPU_ISA"))
+"""
+
+
+def test_first_bfloat16_steps_finish_off_the_amx_barrier():
+    # Issue 11: on TF 2.10 (oneDNN 2.6.3) an AMX CPU hung forever in the first mixed_bfloat16 step, in the AMX
+    # weight-gradient convolution's barrier. The child's timeout only guards against that hang (no timing is asserted).
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")}
+    env["ONEDNN_VERBOSE"] = "1"  # one line per primitive run, with its kernel's name
+    done = subprocess.run([sys.executable, "-c", FIRST_BF16_STEPS, str(Path(__file__).parent)], env=env,
+                          capture_output=True, text=True, timeout=540)
+    assert done.returncode == 0, done.stderr[-3000:]
+    kernels = [line for line in done.stdout.splitlines() if line.startswith("onednn_verbose") and ",exec," in line]
+    assert kernels  # the bfloat16 steps did run through oneDNN
+    if compat.ONEDNN_ISA_CAP:  # TF 2.10: capped below AMX, so the hanging kernel cannot be chosen
+        assert f"isa cap: {compat.ONEDNN_ISA_CAP}" in done.stdout
+        assert not [line for line in kernels if "amx" in line]
+    else:  # the newest line: oneDNN >= 2.7 needs no cap, AMX stays available
+        assert "isa cap: None" in done.stdout
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
