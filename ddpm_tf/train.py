@@ -30,7 +30,7 @@ from .errors import ConfigError, Interrupted, RunError
 from .images import atomic_write_bytes
 from .prepare import prepare
 from .runs import RunDir, RunLock
-from .sample import sampler_from_config
+from .samplers import sampler_from_config
 from .watchdog import Watchdog
 
 # Keys whose change makes an old checkpoint meaningless for a new config.

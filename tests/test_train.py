@@ -9,7 +9,7 @@ from ddpm_tf.compat import keras, tf
 from ddpm_tf.config import DiffusionConfig, ModelConfig, TrainConfig
 from ddpm_tf.data import make_dataset
 from ddpm_tf.diffusion import DiffusionModel, ema_decay_at
-from ddpm_tf.sample import Sampler
+from ddpm_tf.samplers import Sampler
 from ddpm_tf.schedule import Schedule
 from ddpm_tf.unet import build_unet
 
