@@ -186,7 +186,7 @@ Examples:
                    "[default: sample.eta]")
 @click.option("--spacing", type=click.Choice(SPACINGS), default=None,
               help="Which timesteps a short sampler visits. [default: sample.spacing]")
-@click.option("--stall-timeout", type=click.FloatRange(0.0, 604800.0), default=None, metavar="SECONDS",
+@click.option("--stall-timeout", type=FiniteFloat(0.0, 604800.0), default=None, metavar="SECONDS",
               help="Warn with every thread's stack when no sampler step finishes for this long (0: off). "
                    "[default: the run's run.stall_timeout]")
 def sample(run_dir, runs_root, out, overwrite, checkpoint, n, seed, seeds_text, batch_size, sampler, steps, eta,
