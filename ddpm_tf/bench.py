@@ -64,7 +64,7 @@ def run_bench(cfg, *, batch_size: int, steps: int = 4, warmup: int = 2, sample_n
               sample_steps: int = 10, echo=print) -> dict:
     """Time `steps` train steps and `sample_steps` sampler steps of the network `cfg` describes."""
     from .diffusion import build_diffusion_model
-    from .sample import Sampler
+    from .samplers import Sampler
     from .unet import forward_flops
 
     size, channels = cfg.data.image_size, cfg.data.channels
@@ -82,13 +82,11 @@ def run_bench(cfg, *, batch_size: int, steps: int = 4, warmup: int = 2, sample_n
 
     sampler = Sampler(ema_net, schedule, "ddpm", jit_compile=xla, chunks=max(1, schedule.timesteps // sample_steps),
                       prediction=cfg.diffusion.prediction)
-    seeds = np.arange(sample_n)
     x = tf.random.normal([sample_n, size, size, channels])
-    run_chunk = sampler._run
-    zeros, seeds = tf.zeros_like(x), tf.constant(seeds, tf.int32)
-    run_chunk(x, zeros, seeds, tf.constant(0), tf.constant(1))[0].numpy()  # trace + warm-up
+    zeros, seeds = tf.zeros_like(x), tf.constant(np.arange(sample_n), tf.int32)
+    sampler.run_steps(x, zeros, seeds, 0, 1)[0].numpy()  # trace + warm-up
     t0 = time.perf_counter()
-    run_chunk(x, zeros, seeds, tf.constant(0), tf.constant(sample_steps))[0].numpy()
+    sampler.run_steps(x, zeros, seeds, 0, sample_steps)[0].numpy()
     sample_s = time.perf_counter() - t0
 
     gflop = forward_flops(cfg.model, size, channels) / 1e9

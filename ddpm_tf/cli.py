@@ -13,6 +13,9 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .data.decode import CROPS
+from .precision import JIT_MODES, PRECISIONS
+from .samplers import SAMPLER_NAMES, SPACINGS, describe_default_steps, describe_samplers
 from .seeds import SEED_MAX, check_seed_range
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
@@ -102,7 +105,7 @@ Examples:
 @click.argument("src", required=False, type=click.Path(path_type=Path))
 @click.option("--size", type=click.IntRange(8, 1024), default=None, help="Square side in pixels. [default: data.image_size]")
 @click.option("--channels", type=click.Choice(["1", "3"]), default=None, help="1 grayscale, 3 RGB. [default: data.channels]")
-@click.option("--crop", type=click.Choice(["center", "face", "none"]), default=None,
+@click.option("--crop", type=click.Choice(CROPS), default=None,
               help="center square, face (centre on the largest face), none (pad to square). [default: data.crop]")
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Cache folder. [default: data.cache; auto is data/cache/NAME-KEY]")
@@ -174,13 +177,14 @@ Examples:
               help="Generate exactly these seeds (overrides --n and --seed).")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=None,
               help="Images per sampler batch; halved automatically when memory runs out. [default: sample.batch_size]")
-@click.option("--sampler", type=click.Choice(["ddpm", "ddim", "dpmpp_2m"]), default=None,
-              help="ddpm (ancestral), ddim, dpmpp_2m (DPM-Solver++ 2M). [default: sample.sampler]")
+@click.option("--sampler", type=click.Choice(SAMPLER_NAMES), default=None,
+              help=f"{describe_samplers()}. [default: sample.sampler]")
 @click.option("--steps", type=click.IntRange(1), default=None,
-              help="Sampler steps, 1..T. [default: sample.steps, else 1000 / 50 / 20 for ddpm / ddim / dpmpp_2m]")
+              help=f"Sampler steps, 1..T. [default: sample.steps, else {describe_default_steps()}]")
 @click.option("--eta", type=FiniteFloat(0.0, 1.0), default=None,
-              help="DDIM noise: 0 deterministic, 1 DDPM-like. [default: sample.eta]")
-@click.option("--spacing", type=click.Choice(["linspace", "trailing"]), default=None,
+              help="DDIM noise: 0 deterministic, 1 DDPM-like (a sampler without eta refuses it). "
+                   "[default: sample.eta]")
+@click.option("--spacing", type=click.Choice(SPACINGS), default=None,
               help="Which timesteps a short sampler visits. [default: sample.spacing]")
 @click.option("--stall-timeout", type=FiniteFloat(0.0, 604800.0), default=None, metavar="SECONDS",
               help="Warn with every thread's stack when no sampler step finishes for this long (0: off). "
@@ -221,7 +225,7 @@ Examples:
 @click.option("--features", default=None, metavar="imagenet|FILE",
               help="Feature network: Keras' ImageNet Inception-V3, Inception weights (.h5), or a whole Keras "
                    "model file mapping images in [-1, 1] to features. [default: eval.features]")
-@click.option("--sampler", type=click.Choice(["ddpm", "ddim", "dpmpp_2m"]), default=None,
+@click.option("--sampler", type=click.Choice(SAMPLER_NAMES), default=None,
               help="Sampler of the evaluated images. [default: eval.sampler]")
 @click.option("--steps", type=click.IntRange(1), default=None, help="Its steps. [default: eval.steps]")
 @click.option("--eta", type=FiniteFloat(0.0, 1.0), default=None, help="Its DDIM eta. [default: eval.eta]")
@@ -324,9 +328,9 @@ Examples:
   ddpm bench --config configs/portrait64.yaml --batch-size 64""")
 @click.option("--config", "-c", "config_path", type=click.Path(path_type=Path, dir_okay=False),
               default=Path("configs/bench32.yaml"), help="Config whose network is measured.")
-@click.option("--precision", type=click.Choice(["float32", "mixed_float16", "mixed_bfloat16"]), default=None,
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
               help="Override train.precision. [default: the config's]")
-@click.option("--jit-compile", type=click.Choice(["auto", "true", "false"]), default=None,
+@click.option("--jit-compile", type=click.Choice(JIT_MODES), default=None,
               help="Override train.jit_compile (XLA). [default: the config's]")
 @click.option("--batch-size", type=click.IntRange(1), default=None, help="[default: train.batch_size]")
 @click.option("--steps", type=click.IntRange(1), default=4, help="Timed train steps (after 2 warm-up steps).")

@@ -21,7 +21,14 @@ except ImportError as exc:  # pragma: no cover - exercised by hand on a machine 
 # On TF >= 2.16 `tf.keras` is Keras 3 (the `keras` package); on TF 2.10 it is Keras 2.
 keras = tf.keras
 KERAS_VERSION: str = keras.__version__ if hasattr(keras, "__version__") else tf.__version__
-KERAS3: bool = int(KERAS_VERSION.split(".")[0]) >= 3
+
+
+def keras_major(version: str) -> int:
+    """The major version of a Keras version string ('2.10.0' -> 2): what decides optimizer-state formats."""
+    return int(version.split(".", 1)[0])
+
+
+KERAS3: bool = keras_major(KERAS_VERSION) >= 3
 TF_VERSION: str = tf.__version__
 
 # TF 2.10 ships oneDNN 2.6.3, whose AMX bfloat16 weight-gradient convolution
@@ -104,13 +111,28 @@ def loss_scale_optimizer(optimizer):
     return keras.mixed_precision.LossScaleOptimizer(optimizer)
 
 
-def scale_loss(optimizer, loss):
-    """Multiply the loss by the current loss scale (identity without loss scaling)."""
-    if not isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer):
-        return loss
+def loss_scaled_gradients(optimizer, loss_fn, variables):
+    """(loss, gradients, scale) for `optimizer.apply_gradients`: the gradients of `loss_fn()` under the
+    optimizer's dynamic loss scaling, and the factor they still carry.
+
+    Keras 2 unscales them here (scale 1.0); Keras 3's LossScaleOptimizer unscales inside
+    `apply_gradients`, so its gradients still carry the current scale. Without loss scaling: 1.0.
+    """
+    scaling = isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer)
+    with tf.GradientTape() as tape:
+        loss = loss_fn()
+        if not scaling:
+            scaled = loss
+        elif KERAS3:
+            scaled = optimizer.scale_loss(loss)
+        else:
+            scaled = optimizer.get_scaled_loss(loss)
+    grads = tape.gradient(scaled, variables)
+    if not scaling:
+        return loss, grads, 1.0
     if KERAS3:
-        return optimizer.scale_loss(loss)
-    return optimizer.get_scaled_loss(loss)
+        return loss, grads, optimizer.scale_loss(tf.constant(1.0))  # the scale, also before the optimizer is built
+    return loss, optimizer.get_unscaled_gradients(grads), 1.0
 
 
 def loss_scale(optimizer) -> float:
@@ -120,24 +142,10 @@ def loss_scale(optimizer) -> float:
     return float((optimizer.scale_loss(tf.constant(1.0)) if KERAS3 else optimizer.loss_scale).numpy())
 
 
-def unscale_gradients(optimizer, grads):
-    """Undo `scale_loss` on the gradients. Keras 3's LossScaleOptimizer unscales inside apply."""
-    if not isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer) or KERAS3:
-        return grads
-    return optimizer.get_unscaled_gradients(grads)
-
-
-def gradient_scale(optimizer, grads_unscaled: bool):
-    """The factor still applied to gradients after `unscale_gradients` (Keras 3 unscales in apply)."""
-    if KERAS3 and isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer) and not grads_unscaled:
-        return optimizer.scale_loss(tf.constant(1.0))  # the scale, also before the optimizer is built
-    return 1.0
-
-
 def compile_kwargs(jit_compile: bool) -> dict:
     """Arguments for `Model.compile` that mean the same on both lines."""
     # Keras 3 turns XLA on by default in fit(); Keras 2.10 does not. Always say what we want.
     kwargs = {"jit_compile": bool(jit_compile)}
     if KERAS3:
-        kwargs["auto_scale_loss"] = False  # loss scaling is ours (precision.make_optimizer), on both lines
+        kwargs["auto_scale_loss"] = False  # loss scaling is ours (diffusion.make_optimizer), on both lines
     return kwargs

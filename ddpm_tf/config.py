@@ -11,7 +11,11 @@ from typing import Any
 
 import yaml
 
+from .data.decode import CROPS
 from .errors import ConfigError
+from .precision import JIT_MODES, PRECISIONS
+from .samplers import SAMPLER_NAMES, SPACINGS, VARIANCES, describe_default_steps
+from .schedule import BETA_SCHEDULES, LOSS_WEIGHTINGS, PREDICTIONS
 from .seeds import SEED_MAX, seed_range_problem
 
 INT_MAX = 2**63 - 1  # every integer key: beyond int64, numpy and TF overflow
@@ -120,7 +124,7 @@ class DataConfig:
     flip: bool = _spec(True, help="random horizontal flips")
     cache: str = _spec("auto", help="folder of the prepared cache; `auto`: `data/cache/NAME-KEY` under the working "
                                     "directory, KEY from the folder's path and the settings")
-    crop: str = _spec("center", choices=("center", "face", "none"),
+    crop: str = _spec("center", choices=CROPS,
                       help="`center` (square), `face` (centred on the largest face, needs the `face` extra), "
                            "`none` (pad to square)")
     background: str = _spec("white", help="colour under transparency and padding: a name or `#rrggbb`")
@@ -153,11 +157,11 @@ class DiffusionConfig:
     timesteps: int = _spec(1000, lo=2, hi=100000, help="T, the number of diffusion steps")
     beta_start: float = _spec(1e-4, lo=1e-8, hi=0.5, help="first beta of the linear schedule")
     beta_end: float = _spec(0.02, lo=1e-8, hi=0.999, help="last beta of the linear schedule")
-    schedule: str = _spec("linear", choices=("linear", "cosine"),
+    schedule: str = _spec("linear", choices=tuple(BETA_SCHEDULES),
                           help="beta schedule: `linear` (Ho et al. 2020) or `cosine` (Nichol & Dhariwal 2021, "
                                "betas clipped at 0.999)")
     cosine_s: float = _spec(0.008, lo=0.0, hi=0.5, help="offset s of the cosine schedule")
-    prediction: str = _spec("eps", choices=("eps", "v", "x0"),
+    prediction: str = _spec("eps", choices=PREDICTIONS,
                             help="what the network predicts: `eps` (noise), `v` (Salimans & Ho 2022) or `x0` "
                                  "(clean image); every sampler works with each")
 
@@ -173,14 +177,14 @@ class TrainConfig:
     warmup_steps: int = _spec(0, lo=0, help="linear learning-rate warm-up over this many steps (0: off)")
     grad_clip: float = _spec(1.0, lo=0.0, help="global gradient-norm clip (0: off)")
     deterministic: bool = _spec(False, help="TF op determinism: a resumed run equals an uninterrupted one")
-    precision: str = _spec("float32", choices=("float32", "mixed_float16", "mixed_bfloat16"),
+    precision: str = _spec("float32", choices=PRECISIONS,
                            help="`float32`, `mixed_float16` (dynamic loss scaling) or `mixed_bfloat16`; the loss and "
                                 "EMA stay float32")
-    loss_weighting: str = _spec("none", choices=("none", "min_snr"),
+    loss_weighting: str = _spec("none", choices=LOSS_WEIGHTINGS,
                                 help="per-timestep loss weights: `none`, or `min_snr` (Hang et al. 2023), the "
                                      "x0-space error weighted by min(SNR, gamma), converted for each prediction")
     min_snr_gamma: float = _spec(5.0, lo=0.01, hi=1000.0, help="gamma of min-SNR weighting")
-    jit_compile: str = _spec("auto", choices=("auto", "true", "false"),
+    jit_compile: str = _spec("auto", choices=JIT_MODES,
                              help="XLA for the train step and the sampler: `auto` = on with a GPU, off on a CPU")
     eval_every: int = _spec(0, lo=0, help="KID/FID/near-copies (the `eval` section's settings) every N epochs, "
                                           "to `RUN/eval.csv` and TensorBoard (0: never)")
@@ -191,12 +195,12 @@ class SampleConfig:
     n: int = _spec(64, lo=1, hi=100000, help="images to generate")
     batch_size: int = _spec(64, lo=1, hi=4096, help="images per sampler batch")
     seed: int = _spec(0, lo=0, hi=SEED_MAX, help="image i uses seed + i")
-    sampler: str = _spec("ddpm", choices=("ddpm", "ddim", "dpmpp_2m"), help="`ddpm`, `ddim` or `dpmpp_2m`")
-    steps: int = _spec(0, lo=0, hi=100000, help="sampler steps (0: the sampler's default: 1000, 50, 20)")
+    sampler: str = _spec("ddpm", choices=SAMPLER_NAMES, help="`ddpm`, `ddim` or `dpmpp_2m`")
+    steps: int = _spec(0, lo=0, hi=100000, help=f"sampler steps (0: the sampler's default: {describe_default_steps()})")
     eta: float = _spec(0.0, lo=0.0, hi=1.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
-    spacing: str = _spec("linspace", choices=("linspace", "trailing"),
+    spacing: str = _spec("linspace", choices=SPACINGS,
                          help="which timesteps a short sampler visits: `linspace` or `trailing`")
-    variance: str = _spec("small", choices=("small", "large"),
+    variance: str = _spec("small", choices=VARIANCES,
                           help="DDPM reverse variance: `small` (posterior) or `large` (beta)")
     clip_x0: bool = _spec(True, help="clip the predicted x0 to [-1, 1] at every step")
 
@@ -206,8 +210,8 @@ class EvalConfig:
     features: str = _spec("imagenet", help="feature network of `ddpm eval`: `imagenet` (Keras' Inception-V3, "
                                            "downloaded once) or a `.h5`/`.keras` file")
     n: int = _spec(256, lo=2, hi=100000, help="samples generated for `ddpm eval` and `train.eval_every`")
-    sampler: str = _spec("ddim", choices=("ddpm", "ddim", "dpmpp_2m"), help="sampler of the evaluated images")
-    steps: int = _spec(0, lo=0, hi=100000, help="its steps (0: the sampler's default: 1000, 50, 20)")
+    sampler: str = _spec("ddim", choices=SAMPLER_NAMES, help="sampler of the evaluated images")
+    steps: int = _spec(0, lo=0, hi=100000, help=f"its steps (0: the sampler's default: {describe_default_steps()})")
     eta: float = _spec(1.0, lo=0.0, hi=1.0, help="its DDIM eta")
     seed: int = _spec(100000, lo=0, hi=SEED_MAX,
                       help="first seed of the evaluated samples (fixed, so runs compare on the same noise)")

@@ -1,5 +1,5 @@
 """The trainable diffusion model: a `keras.Model` whose `train_step` does the (weighted) MSE of the
-configured prediction (eps, v or x0) and EMA."""
+configured prediction (eps, v or x0) and EMA, and the optimizer it is compiled with."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ class DiffusionModel(keras.Model):
         return self.net(inputs, training=training)
 
     def diffusion_loss(self, x0, training: bool = True, t=None, eps=None):
-        """Draw t ~ U{0..T-1} and eps ~ N(0, I) (unless given); return (weighted MSE of the prediction, t).
+        """Draw t ~ U{0..T-1} and eps ~ N(0, I) (unless given); return the weighted MSE of the prediction.
 
         With eps and no weighting this is Eq. 14 of Ho et al. 2020 (L_simple).
         """
@@ -59,24 +59,22 @@ class DiffusionModel(keras.Model):
             eps = self.rng.normal(tf.shape(x0), dtype=tf.float32)
         x_t = self.schedule.q_sample(x0, t, eps)
         pred = self.net([x_t, t], training=training)
-        alpha, sigma = extract(self.schedule.sqrt_alpha_bar, t), extract(self.schedule.sqrt_one_minus_alpha_bar, t)
-        target = prediction_target(self.prediction, x0, eps, alpha, sigma)
+        sqrt_alpha_bar = extract(self.schedule.sqrt_alpha_bar, t)
+        sigma = extract(self.schedule.sqrt_one_minus_alpha_bar, t)
+        target = prediction_target(self.prediction, x0, eps, sqrt_alpha_bar, sigma)
         per_example = tf.reduce_mean(tf.square(tf.cast(pred, tf.float32) - target), axis=[1, 2, 3])
         weights = loss_weight(self.prediction, tf.gather(self.schedule.snr, t), self.min_snr_gamma)
-        return tf.reduce_mean(weights * per_example), t
+        return tf.reduce_mean(weights * per_example)
 
     def train_step(self, data):
         x0 = tf.cast(data, tf.float32)
         variables = self.net.trainable_variables
-        with tf.GradientTape() as tape:
-            loss, _ = self.diffusion_loss(x0)
-            scaled = compat.scale_loss(self.optimizer, loss)
-        grads = compat.unscale_gradients(self.optimizer, tape.gradient(scaled, variables))
+        loss, grads, scale = compat.loss_scaled_gradients(self.optimizer, lambda: self.diffusion_loss(x0),
+                                                          variables)
         if self.grad_clip > 0:
-            # Keras 3 still holds loss-scaled gradients here: clipping at clip * scale is the same as
-            # unscaling, clipping and rescaling. A non-finite norm stays non-finite, so the loss
+            # The gradients may still carry the loss scale (Keras 3): clipping at clip * scale is the same
+            # as unscaling, clipping and rescaling. A non-finite norm stays non-finite, so the loss
             # scaler still sees (and skips) an overflowing step.
-            scale = compat.gradient_scale(self.optimizer, grads_unscaled=False)
             grads, _ = tf.clip_by_global_norm(grads, self.grad_clip * tf.cast(scale, tf.float32))
         self.optimizer.apply_gradients(zip(grads, variables))
         self.update_ema()
@@ -92,9 +90,34 @@ class DiffusionModel(keras.Model):
         self.ema_updates.assign_add(1)
 
 
+class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear learning-rate warm-up from lr / warmup_steps to lr, then constant (DDPM: 5,000 steps on CIFAR-10)."""
+
+    def __init__(self, learning_rate: float, warmup_steps: int):
+        self.learning_rate, self.warmup_steps = float(learning_rate), int(warmup_steps)
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        return self.learning_rate * tf.minimum(1.0, (step + 1.0) / float(self.warmup_steps))
+
+    def get_config(self):
+        return {"learning_rate": self.learning_rate, "warmup_steps": self.warmup_steps}
+
+
+def make_optimizer(train_cfg):
+    """Adam with optional warm-up; float16 gets dynamic loss scaling (bfloat16 needs none)."""
+    lr = train_cfg.learning_rate
+    if train_cfg.warmup_steps > 0:
+        lr = WarmupSchedule(lr, train_cfg.warmup_steps)
+    optimizer = compat.adam(lr)
+    if train_cfg.precision == "mixed_float16":
+        optimizer = compat.loss_scale_optimizer(optimizer)
+    return optimizer
+
+
 def build_diffusion_model(cfg, seed: int):
     """Network, EMA copy and compiled DiffusionModel for a config, in its precision; returns (model, xla)."""
-    from .precision import apply_policy, make_optimizer, use_xla
+    from .precision import apply_policy, use_xla
     from .schedule import Schedule
     from .unet import build_unet
 

@@ -21,8 +21,8 @@ from .evaluate import (
 )
 from .images import make_grid, save_png
 from .memorization import save_pairs_png
-from .runs import RunDir, append_csv_row
-from .sample import build_sampler, load_run, sample_seeds
+from .runs import RunDir, append_csv_row, load_run
+from .samplers import sample_seeds, sampler_from_config
 from .seeds import check_seed_range
 
 
@@ -51,15 +51,16 @@ def with_eval_overrides(cfg, overrides: list[str]):
 
 def generate(net, cfg, n: int, *, sampler=None, steps=None, eta=None, seed=None, batch_size=None,
              progress_factory=None, echo=print):
-    """n uint8 images from `net` with the eval section's sampler (or the given one); returns (images, tag)."""
+    """n uint8 images from `net` with the eval section's sampler (or the given one); returns (images, tag,
+    the sampler's PNG metadata)."""
     e = cfg.eval
-    eta = e.eta if eta is None else eta
-    smp = build_sampler(net, cfg, name=sampler or e.sampler, steps=steps or e.steps or None, eta=eta)
+    smp = sampler_from_config(net, cfg, sampler, steps, eta=eta, defaults=e)
     seeds = (e.seed if seed is None else seed) + np.arange(n)
     size, channels = cfg.data.image_size, cfg.data.channels
     images = sample_seeds(smp, seeds, (size, size, channels), batch_size or cfg.sample.batch_size,
                           progress_factory, echo, desc="sample")
-    return images, f"{smp.name}-{smp.num_steps}" + (f"-eta{eta:g}" if smp.name == "ddim" else "")
+    tag = f"{smp.name}-{smp.num_steps}" + (f"-eta{smp.eta:g}" if smp.eta is not None else "")
+    return images, tag, smp.metadata()
 
 
 def run_eval(run_dir: Path | None = None, *, runs_root: Path = Path("runs"), checkpoint: int | None = None,
@@ -79,18 +80,21 @@ def run_eval(run_dir: Path | None = None, *, runs_root: Path = Path("runs"), che
     size, channels = cfg.data.image_size, cfg.data.channels
     if images is not None:
         samples, source = load_image_folder(Path(images), size, channels, warn=echo), f"folder:{images}"
+        sampler_meta = {}
     else:
         n = n or cfg.eval.n
         echo(f"sampling {n} images from {run.path} (step {step}) for evaluation")
-        samples, source = generate(net, cfg, n, sampler=sampler, steps=steps, eta=eta, seed=seed,
-                                   batch_size=batch_size, progress_factory=progress_factory, echo=echo)
+        samples, source, sampler_meta = generate(net, cfg, n, sampler=sampler, steps=steps, eta=eta, seed=seed,
+                                                 batch_size=batch_size, progress_factory=progress_factory,
+                                                 echo=echo)
     reference = prepare_reference(training_images(cfg, echo), extractor, flipped=memorization)
     e = cfg.eval
     result = evaluate_images(samples, reference, extractor, kid_subsets=e.kid_subsets,
                              kid_subset_size=e.kid_subset_size, seed=e.seed, memorization=memorization)
     out_dir = run.eval_dir
     tag = f"step{step}-{source.replace('/', '_').replace(':', '-')}-n{len(samples)}"
-    save_png(out_dir / f"samples-{tag}.png", make_grid(samples[:64]), {"ddpm_tf:step": step, "ddpm_tf:source": source})
+    save_png(out_dir / f"samples-{tag}.png", make_grid(samples[:64]),
+             {"ddpm_tf:step": step, "ddpm_tf:source": source, **sampler_meta})
     pairs = None
     if memorization:
         pairs = save_pairs_png(out_dir / f"closest-pairs-{tag}.png", samples, reference.images, result.memorization)
@@ -141,7 +145,7 @@ class TrainingEval:
     def __call__(self, step: int, epoch: int):
         """Sample, score, append to eval.csv and TensorBoard; returns the EvalResult."""
         e = self.cfg.eval
-        samples, source = generate(self.ema_net, self.cfg, e.n, echo=self.echo)
+        samples, source, _ = generate(self.ema_net, self.cfg, e.n, echo=self.echo)
         result = evaluate_images(samples, self.reference, self.extractor, kid_subsets=e.kid_subsets,
                                  kid_subset_size=e.kid_subset_size, seed=e.seed, memorization=True)
         append_csv_row(self.run.eval_csv, {"step": step, "epoch": epoch, "source": source,

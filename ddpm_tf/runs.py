@@ -287,6 +287,28 @@ def find_latest_run(root: Path) -> Path:
     return max(candidates, key=newest)
 
 
+def load_run(run_dir: Path | None, runs_root: Path, checkpoint: int | None = None):
+    """(RunDir, config, EMA network, step) of a run; the newest run under `runs_root` by default.
+
+    The network is built in the precision the run trained in, with the weights exported at `checkpoint`
+    (the newest export by default)."""
+    from .precision import apply_policy
+    from .unet import build_unet
+
+    run = RunDir(run_dir if run_dir is not None else find_latest_run(runs_root))
+    cfg = run.load_config()
+    step, export = run.latest_export(checkpoint)
+    apply_policy(cfg.train.precision)
+    net = build_unet(cfg.model, cfg.data.image_size, cfg.data.channels, name="ema_unet")
+    try:
+        load_weights(net, export)
+    except RunError as exc:
+        others = sorted(s for s in run.export_paths() if s != step)
+        hint = f"; this run's other exports: --checkpoint {', '.join(map(str, others))}" if others else ""
+        raise RunError(f"{exc}{hint}") from None
+    return run, cfg, net, step
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process with this id runs on this machine (POSIX and Windows)."""
     if pid <= 0:

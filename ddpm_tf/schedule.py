@@ -1,16 +1,22 @@
 """The forward process of Ho et al. 2020: beta schedule tables, q(x_t | x_0), the posterior
-q(x_{t-1} | x_t, x_0), and the network's prediction targets (eps, v or x0) and their loss weights.
+q(x_prev | x_t, x_0), and the network's prediction targets (eps, v or x0) and their loss weights.
 
-Tables are computed once in float64 numpy and cast once to float32 tensors. Notation: alpha_t =
-sqrt(alpha_bar_t) and sigma_t = sqrt(1 - alpha_bar_t), so x_t = alpha_t x0 + sigma_t eps and
-SNR_t = alpha_t^2 / sigma_t^2.
+Tables are computed once in float64 numpy (`Schedule.float64`) and cast once to float32 tensors.
+TensorFlow is imported inside the functions that need it, so the lists config.py reads import without it.
+
+Notation, one for the whole package:
+- `betas`: beta_t, the noise added at step t.
+- `alpha_bar`: the cumulative product alpha_bar_t = prod_{s<=t} (1 - beta_s) (Ho et al.'s alpha-bar).
+  Ho et al.'s per-step alpha_t = 1 - beta_t is never used by name here.
+- `sqrt_alpha_bar` and `sigma` = sqrt(1 - alpha_bar): the signal and noise scales of
+  x_t = sqrt_alpha_bar x0 + sigma eps (Eq. 4). Lu et al. 2022 and Salimans & Ho 2022 write this signal
+  scale alpha_t; we write sqrt_alpha_bar, so a bare `alpha` never means two things.
+- SNR_t = alpha_bar_t / (1 - alpha_bar_t).
 """
 
 from __future__ import annotations
 
 import numpy as np
-
-from .compat import tf
 
 
 def linear_betas(timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
@@ -30,31 +36,45 @@ def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> n
 BETA_SCHEDULES = {"linear": lambda cfg: linear_betas(cfg.timesteps, cfg.beta_start, cfg.beta_end),
                   "cosine": lambda cfg: cosine_betas(cfg.timesteps, cfg.cosine_s)}
 PREDICTIONS = ("eps", "v", "x0")
+LOSS_WEIGHTINGS = ("none", "min_snr")  # min_snr: `loss_weight` with a gamma
 
 
-def prediction_target(prediction: str, x0, eps, alpha, sigma):
-    """What the network learns to output: eps, x0, or v = alpha eps - sigma x0 (Salimans & Ho 2022, Sec. 4)."""
+def posterior(alpha_bar_t, alpha_bar_prev):
+    """(c_x0, c_xt, variance) of q(x_prev | x_t, x0) = N(c_x0 x0 + c_xt x_t, variance), float64 numpy.
+
+    Between neighbours these are Eq. 6-7 of Ho et al. 2020; between any two timesteps of the process they
+    hold with beta = 1 - alpha_bar_t / alpha_bar_prev (the respaced process, Nichol & Dhariwal 2021, Sec. 4).
+    """
+    beta = 1.0 - alpha_bar_t / alpha_bar_prev
+    c_x0 = beta * np.sqrt(alpha_bar_prev) / (1.0 - alpha_bar_t)
+    c_xt = (1.0 - alpha_bar_prev) * np.sqrt(1.0 - beta) / (1.0 - alpha_bar_t)
+    return c_x0, c_xt, beta * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t)
+
+
+def prediction_target(prediction: str, x0, eps, sqrt_alpha_bar, sigma):
+    """What the network learns to output: eps, x0, or v = sqrt_alpha_bar eps - sigma x0 (Salimans & Ho 2022, Sec. 4)."""
     if prediction == "eps":
         return eps
     if prediction == "x0":
         return x0
     if prediction == "v":
-        return alpha * eps - sigma * x0
+        return sqrt_alpha_bar * eps - sigma * x0
     raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {prediction!r}")
 
 
-def split_prediction(prediction: str, out, x_t, alpha, sigma):
+def split_prediction(prediction: str, out, x_t, sqrt_alpha_bar, sigma):
     """(x0, eps) from the network output for any objective: the one conversion every sampler uses.
 
-    eps: x0 = (x_t - sigma eps) / alpha.  x0: eps = (x_t - alpha x0) / sigma.  v: since alpha^2 +
-    sigma^2 = 1, x0 = alpha x_t - sigma v and eps = sigma x_t + alpha v (Salimans & Ho 2022, Eq. 5-6).
+    eps: x0 = (x_t - sigma eps) / sqrt_alpha_bar.  x0: eps = (x_t - sqrt_alpha_bar x0) / sigma.  v: since
+    alpha_bar + sigma^2 = 1, x0 = sqrt_alpha_bar x_t - sigma v and eps = sigma x_t + sqrt_alpha_bar v
+    (Salimans & Ho 2022, Eq. 5-6).
     """
     if prediction == "eps":
-        return (x_t - sigma * out) / alpha, out
+        return (x_t - sigma * out) / sqrt_alpha_bar, out
     if prediction == "x0":
-        return out, (x_t - alpha * out) / sigma
+        return out, (x_t - sqrt_alpha_bar * out) / sigma
     if prediction == "v":
-        return alpha * x_t - sigma * out, sigma * x_t + alpha * out
+        return sqrt_alpha_bar * x_t - sigma * out, sigma * x_t + sqrt_alpha_bar * out
     raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {prediction!r}")
 
 
@@ -65,6 +85,8 @@ def loss_weight(prediction: str, snr, gamma: float | None):
     |eps error|^2 = SNR |x0 error|^2 and |v error|^2 = (SNR + 1) |x0 error|^2, so the same weighting
     is min(SNR, gamma) / SNR for eps, min(SNR, gamma) / (SNR + 1) for v and min(SNR, gamma) for x0.
     """
+    from .compat import tf
+
     if gamma is None:
         return tf.ones_like(snr)
     clipped = tf.minimum(snr, gamma)
@@ -79,39 +101,29 @@ def loss_weight(prediction: str, snr, gamma: float | None):
 
 def extract(table, t):
     """table[t] reshaped to (B, 1, 1, 1) so it broadcasts over images (B, H, W, C)."""
+    from .compat import tf
+
     return tf.reshape(tf.gather(table, t), [-1, 1, 1, 1])
 
 
 class Schedule:
-    """Diffusion tables for a beta schedule; numpy float64 in `.np`, float32 tensors as attributes."""
+    """Diffusion tables for a beta schedule: float64 numpy in `.float64`, float32 tensors as attributes."""
 
     def __init__(self, betas: np.ndarray):
+        from .compat import tf
+
         betas = np.asarray(betas, dtype=np.float64)
         assert betas.ndim == 1 and (betas > 0).all() and (betas < 1).all()
-        alphas = 1.0 - betas
-        alpha_bar = np.cumprod(alphas)
-        alpha_bar_prev = np.append(1.0, alpha_bar[:-1])
-        # Eq. 7, Ho et al. 2020: posterior variance beta_tilde_t and mean coefficients.
-        posterior_variance = betas * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar)
-        self.np = {
+        alpha_bar = np.cumprod(1.0 - betas)
+        self.float64 = {
             "betas": betas,
-            "alphas": alphas,
             "alpha_bar": alpha_bar,
-            "alpha_bar_prev": alpha_bar_prev,
             "sqrt_alpha_bar": np.sqrt(alpha_bar),
             "sqrt_one_minus_alpha_bar": np.sqrt(1.0 - alpha_bar),
-            "sqrt_recip_alpha_bar": np.sqrt(1.0 / alpha_bar),
-            "sqrt_recipm1_alpha_bar": np.sqrt(1.0 / alpha_bar - 1.0),
-            "posterior_variance": posterior_variance,
-            # beta_tilde_0 is 0; log of it is clipped to beta_tilde_1, as in the DDPM reference code.
-            "posterior_log_variance_clipped": np.log(np.append(posterior_variance[1], posterior_variance[1:])),
-            "log_betas": np.log(np.append(posterior_variance[1], betas[1:])),
-            "posterior_mean_coef1": betas * np.sqrt(alpha_bar_prev) / (1.0 - alpha_bar),
-            "posterior_mean_coef2": (1.0 - alpha_bar_prev) * np.sqrt(alphas) / (1.0 - alpha_bar),
             "snr": alpha_bar / (1.0 - alpha_bar),
         }
         self.timesteps = len(betas)
-        for name, table in self.np.items():
+        for name, table in self.float64.items():
             setattr(self, name, tf.constant(table, dtype=tf.float32))
 
     @classmethod
@@ -121,11 +133,8 @@ class Schedule:
 
     def q_sample(self, x0, t, eps):
         """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps  (Eq. 4, Ho et al. 2020)."""
+        from .compat import tf
+
         dtype = x0.dtype
         return (tf.cast(extract(self.sqrt_alpha_bar, t), dtype) * x0
                 + tf.cast(extract(self.sqrt_one_minus_alpha_bar, t), dtype) * eps)
-
-    def posterior(self, x0, x_t, t):
-        """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x0)  (Eq. 6-7)."""
-        mean = extract(self.posterior_mean_coef1, t) * x0 + extract(self.posterior_mean_coef2, t) * x_t
-        return mean, extract(self.posterior_variance, t), extract(self.posterior_log_variance_clipped, t)

@@ -30,7 +30,7 @@ from .diffusion import build_diffusion_model
 from .errors import ConfigError, Interrupted, RunError
 from .images import atomic_write_bytes
 from .runs import RunDir, RunLock
-from .sample import sampler_from_config
+from .samplers import sampler_from_config
 from .watchdog import Watchdog
 
 # Keys whose change makes an old checkpoint meaningless for a new config.

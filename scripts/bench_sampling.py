@@ -29,7 +29,8 @@ def main() -> None:
     import numpy as np
 
     from ddpm_tf.compat import TF_VERSION
-    from ddpm_tf.sample import load_run, sampler_from_config
+    from ddpm_tf.runs import load_run
+    from ddpm_tf.samplers import sampler_from_config
 
     run, cfg, net, step = load_run(args.run, args.run.parent)
     shape = (cfg.data.image_size, cfg.data.image_size, cfg.data.channels)

@@ -14,8 +14,8 @@ from test_train import MODEL, fixed_loss, smooth_images
 from ddpm_tf import compat
 from ddpm_tf.compat import keras, tf
 from ddpm_tf.config import DiffusionConfig, TrainConfig
-from ddpm_tf.diffusion import DiffusionModel
-from ddpm_tf.precision import PRECISIONS, apply_policy, make_optimizer
+from ddpm_tf.diffusion import DiffusionModel, make_optimizer
+from ddpm_tf.precision import PRECISIONS, apply_policy
 from ddpm_tf.schedule import Schedule
 from ddpm_tf.unet import build_unet
 

@@ -82,6 +82,7 @@ def test_img2img_strength(run_dir, tmp_path):
     (["--steps", 21], 1, "steps must be in 1..20"),
     (["--sampler", "euler"], 2, "euler"),
     (["--eta", 1.5], 2, "1.5"),
+    (["--sampler", "ddpm", "--eta", 0.5], 2, "the ddpm sampler takes no eta"),
     (["--seeds", "1,x"], 2, "comma-separated"),
 ])
 def test_bad_sampling_options(run_dir, args, code, needle):
@@ -122,10 +123,10 @@ def test_a_run_without_weights_is_a_clear_error(run_dir):
 
 
 def test_batches_that_do_not_fit_are_split(run_dir, tmp_path, monkeypatch):
-    from ddpm_tf import sample as sample_mod
+    from ddpm_tf import samplers
     from ddpm_tf.compat import tf
 
-    real_call = sample_mod.Sampler.__call__
+    real_call = samplers.Sampler.__call__
     sizes = []
 
     def limited(self, seeds, image_shape, **kwargs):
@@ -134,7 +135,7 @@ def test_batches_that_do_not_fit_are_split(run_dir, tmp_path, monkeypatch):
             raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
         return real_call(self, seeds, image_shape, **kwargs)
 
-    monkeypatch.setattr(sample_mod.Sampler, "__call__", limited)
+    monkeypatch.setattr(samplers.Sampler, "__call__", limited)
     result = invoke("sample", "--run", run_dir, "--n", 5, "--batch-size", 8, "--sampler", "ddim", "--steps", 2,
                     "--out", tmp_path / "g.png")
     assert result.exit_code == 0, result.output

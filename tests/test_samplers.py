@@ -7,8 +7,7 @@ import pytest
 
 from ddpm_tf.compat import keras, tf
 from ddpm_tf.config import DiffusionConfig, ModelConfig
-from ddpm_tf.sample import Sampler
-from ddpm_tf.samplers import initial_noise, make_timesteps
+from ddpm_tf.samplers import Sampler, initial_noise, make_timesteps
 from ddpm_tf.schedule import Schedule, extract, linear_betas, prediction_target
 from ddpm_tf.unet import build_unet
 
@@ -27,7 +26,7 @@ class GaussianDenoiser:
         x_t, t = inputs
         ab = extract(self.schedule.alpha_bar, t)
         eps = tf.sqrt(1.0 - ab) / (ab * S**2 + 1.0 - ab) * (x_t - tf.sqrt(ab) * MU)
-        # E[x0 | x_t] directly (not (x_t - sigma eps) / alpha, which loses float32 digits when alpha -> 0).
+        # E[x0 | x_t] directly (not (x_t - sigma eps) / sqrt(alpha_bar), which loses float32 digits as alpha_bar -> 0).
         x0 = (tf.sqrt(ab) * S**2 * x_t + (1.0 - ab) * MU) / (ab * S**2 + 1.0 - ab)
         return prediction_target(self.prediction, x0, eps, tf.sqrt(ab), tf.sqrt(1.0 - ab))
 
@@ -70,6 +69,17 @@ def test_every_sampler_works_with_every_objective(schedule_name, prediction, nam
     assert np.allclose(eps_sampler(np.arange(2), (32, 32, 1)), x[:2], atol=2e-3)
 
 
+def test_an_option_the_sampler_does_not_take_is_refused():
+    schedule = Schedule(linear_betas(20))
+    for name in ("ddpm", "dpmpp_2m"):
+        with pytest.raises(ValueError, match=f"the {name} sampler takes no eta"):
+            Sampler(GaussianDenoiser(schedule), schedule, name, eta=0.5)
+    sampler = Sampler(GaussianDenoiser(schedule), schedule, "ddim", 5, eta=0.5, spacing="trailing")
+    assert (sampler.name, sampler.num_steps, sampler.eta, sampler.variance) == ("ddim", 5, 0.5, None)
+    assert sampler.metadata(start_index=2)["ddpm_tf:steps"] == 3
+    assert sampler.metadata()["ddpm_tf:spacing"] == "trailing"
+
+
 def test_timestep_spacings():
     ts = make_timesteps(1000, 50, "linspace")
     assert len(ts) == 50 and ts[0] == 999 and ts[-1] == 0 and np.all(np.diff(ts) < 0)
@@ -108,7 +118,8 @@ def _random_net():
 def test_same_seed_same_images_whatever_the_batch(name):
     net = _random_net()
     schedule = Schedule(linear_betas(20))
-    sampler = Sampler(net, schedule, name, 10 if name != "ddpm" else None, eta=0.5)
+    options = {"eta": 0.5} if name == "ddim" else {}  # the others take no eta
+    sampler = Sampler(net, schedule, name, 10 if name != "ddpm" else None, **options)
     shape = (16, 16, 3)
     eight = sampler(np.arange(10, 18), shape)
     three = sampler(np.arange(10, 13), shape)

@@ -14,6 +14,7 @@ from ddpm_tf.schedule import (
     extract,
     linear_betas,
     loss_weight,
+    posterior,
     prediction_target,
     split_prediction,
 )
@@ -32,7 +33,7 @@ def test_linear_betas_endpoints_and_spacing():
 
 
 def test_tables_against_closed_forms(schedule):
-    s = schedule.np
+    s = schedule.float64
     b = linear_betas(1000)
     # alpha_bar_t = prod_{s<=t} (1 - beta_s), computed here with logs, independently of cumprod.
     alpha_bar = np.exp(np.cumsum(np.log1p(-b)))
@@ -41,9 +42,8 @@ def test_tables_against_closed_forms(schedule):
     assert s["alpha_bar"][-1] == pytest.approx(4.0358e-5, rel=1e-3)
     t = 500
     expected_var = b[t] * (1 - alpha_bar[t - 1]) / (1 - alpha_bar[t])
-    assert s["posterior_variance"][t] == pytest.approx(expected_var, rel=1e-12)
-    assert s["posterior_variance"][0] == 0.0
-    assert s["posterior_log_variance_clipped"][0] == pytest.approx(np.log(s["posterior_variance"][1]))
+    assert posterior(s["alpha_bar"][t], s["alpha_bar"][t - 1])[2] == pytest.approx(expected_var, rel=1e-12)
+    assert posterior(s["alpha_bar"][0], 1.0)[2] == 0.0  # the step into clean data adds no noise
     # The float32 tensors are the float64 tables cast once.
     assert schedule.alpha_bar.dtype == tf.float32
     assert np.allclose(schedule.alpha_bar.numpy(), s["alpha_bar"].astype(np.float32))
@@ -62,23 +62,24 @@ def test_q_sample_statistics(schedule):
     eps = tf.random.stateless_normal(x0.shape, seed=[1, 2])
     x_t = schedule.q_sample(x0, tf.constant(t_values), eps).numpy()
     for i, t in enumerate(t_values):
-        ab = schedule.np["alpha_bar"][t]
+        ab = schedule.float64["alpha_bar"][t]
         assert x_t[i].mean() == pytest.approx(np.sqrt(ab) * 0.5, abs=0.02)
         assert x_t[i].var() == pytest.approx(1 - ab, rel=0.05, abs=2e-4)
 
 
 def test_posterior_matches_bayes(schedule):
     # q(x_{t-1} | x_t, x0) from Bayes' rule on the Gaussians q(x_{t-1}|x0) and q(x_t|x_{t-1}).
-    s = schedule.np
+    s = schedule.float64
     t = 300
     x0, x_t = 0.3, -0.7
     prior_mean, prior_var = np.sqrt(s["alpha_bar"][t - 1]) * x0, 1 - s["alpha_bar"][t - 1]
-    lik_scale, lik_var = np.sqrt(s["alphas"][t]), s["betas"][t]
+    lik_scale, lik_var = np.sqrt(1 - s["betas"][t]), s["betas"][t]
     post_var = 1 / (1 / prior_var + lik_scale**2 / lik_var)
     post_mean = post_var * (prior_mean / prior_var + lik_scale * x_t / lik_var)
-    mean, var, _ = schedule.posterior(tf.fill([1, 1, 1, 1], x0), tf.fill([1, 1, 1, 1], x_t), tf.constant([t]))
-    assert mean.numpy().item() == pytest.approx(post_mean, rel=1e-5)
-    assert var.numpy().item() == pytest.approx(post_var, rel=1e-5)
+    c_x0, c_xt, var = posterior(s["alpha_bar"][t], s["alpha_bar"][t - 1])  # what the ddpm sampler steps with
+    mean = c_x0 * x0 + c_xt * x_t
+    assert mean == pytest.approx(post_mean, rel=1e-5)
+    assert var == pytest.approx(post_var, rel=1e-5)
 
 
 @pytest.mark.parametrize("prediction", PREDICTIONS)
@@ -87,14 +88,15 @@ def test_every_prediction_converts_back_to_x0_and_eps(schedule, prediction):
     eps = tf.random.stateless_normal([3, 4, 4, 1], seed=[0, 2])
     t = tf.constant([1, 400, 900])
     x_t = schedule.q_sample(x0, t, eps)
-    alpha, sigma = extract(schedule.sqrt_alpha_bar, t), extract(schedule.sqrt_one_minus_alpha_bar, t)
-    target = prediction_target(prediction, x0, eps, alpha, sigma)
-    if prediction == "v":  # Salimans & Ho 2022: v = alpha eps - sigma x0, by hand in float64
-        ab = schedule.np["alpha_bar"][[1, 400, 900]].reshape(-1, 1, 1, 1)
+    sqrt_alpha_bar, sigma = extract(schedule.sqrt_alpha_bar, t), extract(schedule.sqrt_one_minus_alpha_bar, t)
+    target = prediction_target(prediction, x0, eps, sqrt_alpha_bar, sigma)
+    if prediction == "v":  # Salimans & Ho 2022: v = sqrt(alpha_bar) eps - sigma x0, by hand in float64
+        ab = schedule.float64["alpha_bar"][[1, 400, 900]].reshape(-1, 1, 1, 1)
         v = np.sqrt(ab) * eps.numpy() - np.sqrt(1 - ab) * x0.numpy()
         assert np.allclose(target.numpy(), v, atol=1e-6)
-    x0_back, eps_back = split_prediction(prediction, target, x_t, alpha, sigma)
-    # eps -> x0 divides by alpha (0.08 at t = 900), x0 -> eps by sigma (0.01 at t = 1): float32 round-off grows.
+    x0_back, eps_back = split_prediction(prediction, target, x_t, sqrt_alpha_bar, sigma)
+    # eps -> x0 divides by sqrt_alpha_bar (0.08 at t = 900), x0 -> eps by sigma (0.01 at t = 1): float32
+    # round-off grows.
     assert np.allclose(x0_back.numpy(), x0.numpy(), atol=2e-3)
     assert np.allclose(eps_back.numpy(), eps.numpy(), atol=2e-3)
 
@@ -110,8 +112,8 @@ def test_cosine_schedule_closed_form():
     assert b.max() == pytest.approx(0.999) and (b[:-1] < 0.999).all() and (b > 0).all()
     assert alpha_bar[T // 2 - 1] == pytest.approx(f(T / 2) / f(0))  # about 0.494: half the signal at mid-way
     sched = Schedule.from_config(DiffusionConfig(timesteps=T, schedule="cosine"))
-    assert np.allclose(sched.np["betas"], b)
-    assert np.allclose(sched.np["snr"], alpha_bar / (1 - alpha_bar))
+    assert np.allclose(sched.float64["betas"], b)
+    assert np.allclose(sched.float64["snr"], alpha_bar / (1 - alpha_bar))
 
 
 @pytest.mark.parametrize("prediction", PREDICTIONS)
@@ -122,13 +124,14 @@ def test_min_snr_weights_equal_min_snr_times_x0_error(schedule, prediction):
     x0 = tf.random.stateless_uniform([5, 8, 8, 1], seed=[3, 1], minval=-1, maxval=1)
     eps = tf.random.stateless_normal([5, 8, 8, 1], seed=[3, 2])
     x_t = schedule.q_sample(x0, t, eps)
-    alpha, sigma = extract(schedule.sqrt_alpha_bar, t), extract(schedule.sqrt_one_minus_alpha_bar, t)
-    out = prediction_target(prediction, x0, eps, alpha, sigma) + 0.1 * tf.random.stateless_normal(x0.shape, [3, 3])
-    x0_hat, _ = split_prediction(prediction, out, x_t, alpha, sigma)
-    target = prediction_target(prediction, x0, eps, alpha, sigma)
+    sqrt_alpha_bar, sigma = extract(schedule.sqrt_alpha_bar, t), extract(schedule.sqrt_one_minus_alpha_bar, t)
+    out = (prediction_target(prediction, x0, eps, sqrt_alpha_bar, sigma)
+           + 0.1 * tf.random.stateless_normal(x0.shape, [3, 3]))
+    x0_hat, _ = split_prediction(prediction, out, x_t, sqrt_alpha_bar, sigma)
+    target = prediction_target(prediction, x0, eps, sqrt_alpha_bar, sigma)
     snr = tf.gather(schedule.snr, t)
     weighted = loss_weight(prediction, snr, gamma) * tf.reduce_mean(tf.square(out - target), axis=[1, 2, 3])
-    ab = schedule.np["alpha_bar"][t.numpy()]
+    ab = schedule.float64["alpha_bar"][t.numpy()]
     expected = np.minimum(ab / (1 - ab), gamma) * np.mean(np.square(x0_hat - x0), axis=(1, 2, 3))
     assert np.allclose(weighted.numpy(), expected, rtol=2e-3)
     assert np.allclose(loss_weight(prediction, snr, None).numpy(), 1.0)

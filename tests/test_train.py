@@ -9,7 +9,7 @@ from ddpm_tf.compat import keras, tf
 from ddpm_tf.config import DiffusionConfig, ModelConfig, TrainConfig
 from ddpm_tf.data.pipeline import make_dataset
 from ddpm_tf.diffusion import DiffusionModel, ema_decay_at
-from ddpm_tf.sample import Sampler
+from ddpm_tf.samplers import Sampler
 from ddpm_tf.schedule import Schedule
 from ddpm_tf.unet import build_unet
 
@@ -40,7 +40,7 @@ def fixed_loss(model, x0):
     """The model's training loss at fixed timesteps and noise (not the random training draw)."""
     t = tf.constant(np.linspace(5, 95, len(x0)).astype(np.int32))
     eps = tf.random.stateless_normal(x0.shape, seed=[7, 7])
-    return float(model.diffusion_loss(tf.constant(x0), training=False, t=t, eps=eps)[0])
+    return float(model.diffusion_loss(tf.constant(x0), training=False, t=t, eps=eps))
 
 
 def test_loss_falls_on_a_fixed_batch():
@@ -111,7 +111,7 @@ def test_flips_are_random_but_reproducible():
 
 def test_warmup_schedule_and_current_learning_rate():
     from ddpm_tf import compat
-    from ddpm_tf.precision import WarmupSchedule, make_optimizer
+    from ddpm_tf.diffusion import WarmupSchedule, make_optimizer
 
     schedule = WarmupSchedule(1e-3, 10)
     assert float(schedule(0)) == pytest.approx(1e-4)

@@ -145,7 +145,7 @@ def test_stall_timeout_config_key():
 
 
 def test_sample_seeds_beats_after_every_chunk():
-    from ddpm_tf.sample import sample_seeds
+    from ddpm_tf.samplers import sample_seeds
 
     class FakeSampler:
         num_steps = 10
@@ -206,12 +206,12 @@ def test_train_reports_a_stalled_step_and_still_finishes(tiny_project, monkeypat
 
 
 def test_sample_reports_a_stalled_chunk_with_the_option(tmp_path, monkeypatch):
-    from ddpm_tf import sample
+    from ddpm_tf import samplers
     from ddpm_tf.cli import main
 
     run_dir = tmp_path / "run"
     shutil.copytree(Path(__file__).parent / "fixtures" / "export-keras3", run_dir)
-    original = sample.Sampler.__call__
+    original = samplers.Sampler.__call__
 
     def with_a_stall(self, seeds, image_shape, progress=None, **kwargs):
         chunks = []
@@ -224,7 +224,7 @@ def test_sample_reports_a_stalled_chunk_with_the_option(tmp_path, monkeypatch):
 
         return original(self, seeds, image_shape, progress=stuck_between_chunks, **kwargs)
 
-    monkeypatch.setattr(sample.Sampler, "__call__", with_a_stall)
+    monkeypatch.setattr(samplers.Sampler, "__call__", with_a_stall)
     result = CliRunner().invoke(main, ["sample", "--run", str(run_dir), "--n", "2", "--sampler", "ddim",
                                        "--steps", "4", "--stall-timeout", "0.3", "--out", str(tmp_path / "g.png")],
                                 catch_exceptions=False)

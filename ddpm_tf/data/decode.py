@@ -22,6 +22,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import DataError
 
+# How an image becomes a square: centre square, centred on the largest face (the face extra), or padded.
+CROPS = ("center", "face", "none")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm", ".pnm", ".pbm"}
 
 # Why a file is not used. Decoding decides these seven (the scan may find the last two first), prepare.py the rest.
@@ -70,7 +72,7 @@ class DecodeSettings:
 
     size: int
     channels: int
-    crop: str = "center"  # center | face | none
+    crop: str = "center"  # one of CROPS
     background: tuple = (255, 255, 255)
     min_side: int = 1
     max_pixels: int = 100_000_000
