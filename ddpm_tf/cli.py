@@ -245,7 +245,7 @@ def eval_command(run_dir, runs_root, checkpoint, n, images, features, sampler, s
     if images is None and seed is not None and n is not None:
         _user_errors(check_seed_range, seed, n, "--seed", "--n")
     _quiet_tensorflow()
-    from .quality import run_eval
+    from .evaluation.command import run_eval
 
     _user_errors(run_eval, run_dir, runs_root=runs_root, checkpoint=checkpoint, n=n, images=images,
                  features=features, sampler=sampler, steps=steps, eta=eta, seed=seed, batch_size=batch_size,

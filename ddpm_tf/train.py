@@ -62,7 +62,12 @@ def _check_written_by(run: RunDir, log) -> None:
         log(f"{path} is unreadable ({type(exc).__name__}); assuming the checkpoints are from this TensorFlow line")
         return
     keras_version = str(info.get("keras", ""))
-    if keras_version.split(".", 1)[0] != compat.KERAS_VERSION.split(".", 1)[0]:
+    try:
+        written_major = compat.keras_major(keras_version)
+    except ValueError:
+        log(f"{path} names no Keras version ({keras_version!r}); assuming the checkpoints are from this line")
+        return
+    if written_major != compat.keras_major(compat.KERAS_VERSION):
         raise RunError(
             f"{run.checkpoints}: these checkpoints were written by Keras {keras_version} (TensorFlow "
             f"{info.get('tf')}); this is Keras {compat.KERAS_VERSION}, whose optimizer state differs. Resume with "
@@ -246,7 +251,7 @@ def _callbacks(cfg, run: RunDir, model, manager, meta, images, state: RunState, 
                  Preview(run, state, preview_sampler, preview_seeds, (size, size, channels),
                          cfg.run.preview_every, writer)]
     if cfg.train.eval_every:
-        from .quality import TrainingEval
+        from .evaluation.command import TrainingEval
 
         in_memory = images if isinstance(images, np.ndarray) else images.load()  # the features need every image
         callbacks.append(Evaluate(state, TrainingEval(run, cfg, ema_net, in_memory, writer, log),

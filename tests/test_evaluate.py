@@ -8,10 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm_tf import evaluate, metrics
 from ddpm_tf.compat import KERAS3, keras, tf
 from ddpm_tf.errors import MetricError
-from ddpm_tf.evaluate import (
+from ddpm_tf.evaluation import metrics
+from ddpm_tf.evaluation import report as evaluate
+from ddpm_tf.evaluation.memorization import flip_images, memorization_report, save_pairs_png
+from ddpm_tf.evaluation.metrics import fid, frechet_distance, kid, mmd2_unbiased, polynomial_kernel
+from ddpm_tf.evaluation.report import (
     INCEPTION_NOTOP_FILE,
     EvalError,
     KerasFeatures,
@@ -23,8 +26,6 @@ from ddpm_tf.evaluate import (
     write_tensorboard,
 )
 from ddpm_tf.images import save_png
-from ddpm_tf.memorization import flip_images, memorization_report, save_pairs_png
-from ddpm_tf.metrics import fid, frechet_distance, kid, mmd2_unbiased, polynomial_kernel
 from ddpm_tf.runs import append_csv_row
 
 

@@ -2,7 +2,7 @@
 
 Source files are only ever opened for reading. TensorFlow is imported inside `make_dataset` only, so
 `ddpm prepare` and its decoding processes never load it. Scanning a folder, hashing, duplicates and the
-cache on disk live in `prepare.py` and `cache.py`.
+cache on disk live in `prepare.py` and `cache.py`; the tf.data pipeline in `pipeline.py`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """`ddpm eval` and the in-training eval, orchestration only: a run's samples (generated, or a folder) and
 its training images -> features -> KID, FID and the memorisation report -> eval.csv, TensorBoard, PNGs.
 
-The maths is in metrics.py and memorization.py, the feature networks in evaluate.py.
+The maths is in metrics.py and memorization.py, the feature networks in report.py.
 """
 
 from __future__ import annotations
@@ -10,8 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .compat import tf
-from .evaluate import (
+from ..compat import tf
+from ..images import make_grid, save_png
+from ..runs import RunDir, append_csv_row, load_run
+from ..samplers import sample_seeds, sampler_from_config
+from ..seeds import check_seed_range
+from .memorization import save_pairs_png
+from .report import (
     evaluate_images,
     load_features,
     load_image_folder,
@@ -19,17 +24,12 @@ from .evaluate import (
     save_memorization_csv,
     write_tensorboard,
 )
-from .images import make_grid, save_png
-from .memorization import save_pairs_png
-from .runs import RunDir, append_csv_row, load_run
-from .samplers import sample_seeds, sampler_from_config
-from .seeds import check_seed_range
 
 
 def training_images(cfg, echo=print) -> np.ndarray:
     """The run's training set as (N, S, S, C) uint8, exactly as training reads it (from its data cache,
     which is brought up to date first, as `ddpm train` does)."""
-    from .data.prepare import prepare
+    from ..data.prepare import prepare
 
     prepared = prepare(cfg.data, echo=lambda msg: None, only_changes=True)
     images = prepared.images(memory_mb=float("inf"))  # the features need every image in memory
@@ -39,8 +39,8 @@ def training_images(cfg, echo=print) -> np.ndarray:
 
 def with_eval_overrides(cfg, overrides: list[str]):
     """The run's config with `eval.key=value` overrides applied (other sections belong to the run)."""
-    from .config import from_dict, parse_override, to_dict
-    from .errors import ConfigError
+    from ..config import from_dict, parse_override, to_dict
+    from ..errors import ConfigError
 
     parsed = [parse_override(o) for o in overrides]
     for key, _ in parsed:

@@ -22,12 +22,12 @@ from typing import Protocol
 
 import numpy as np
 
-from .compat import keras, tf
-from .errors import EvalError
+from ..compat import keras, tf
+from ..errors import EvalError
+from ..runs import write_csv
+from ..summaries import image_summary, scalar_summary
 from .memorization import MemorizationReport, flip_images, memorization_report
 from .metrics import fid, kid
-from .runs import write_csv
-from .summaries import image_summary, scalar_summary
 
 # The file Keras downloads for InceptionV3(include_top=False, weights="imagenet").
 INCEPTION_NOTOP_FILE = "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"
@@ -165,8 +165,8 @@ def load_features(spec=None, *, batch_size: int = 32) -> KerasFeatures:
 
 def load_image_folder(path: Path, size: int, channels: int, warn=None) -> np.ndarray:
     """Every usable image under a folder as (N, size, size, channels) uint8 (centre-cropped, resized)."""
-    from .data.decode import DecodeSettings, decode_file
-    from .data.prepare import scan
+    from ..data.decode import DecodeSettings, decode_file
+    from ..data.prepare import scan
 
     warn = warn or (lambda msg: warnings.warn(msg, stacklevel=2))
     if not Path(path).is_dir():

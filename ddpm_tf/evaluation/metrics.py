@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import MetricError
+from ..errors import MetricError
 
 GRAM_LIMIT = 3000  # KID precomputes the kernel of all rows up to this many (3000² float64: 72 MB)
 

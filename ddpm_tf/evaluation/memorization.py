@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .images import make_grid, save_png
+from ..images import make_grid, save_png
 
 PERCENTILES = (5, 50, 95)
 
