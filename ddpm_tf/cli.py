@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .data.decode import CROPS
+from .data.decode import CHANNELS, CROPS
 from .precision import JIT_MODES, PRECISIONS
 from .samplers import SAMPLER_NAMES, SPACINGS, describe_default_steps, describe_samplers
 from .seeds import SEED_MAX, check_seed_range
@@ -104,7 +104,7 @@ Examples:
   ddpm prepare --config configs/demo.yaml        # exactly what `ddpm train` would prepare""")
 @click.argument("src", required=False, type=click.Path(path_type=Path))
 @click.option("--size", type=click.IntRange(8, 1024), default=None, help="Square side in pixels. [default: data.image_size]")
-@click.option("--channels", type=click.Choice(["1", "3"]), default=None, help="1 grayscale, 3 RGB. [default: data.channels]")
+@click.option("--channels", type=click.Choice([str(c) for c in CHANNELS]), default=None, help="1 grayscale, 3 RGB. [default: data.channels]")
 @click.option("--crop", type=click.Choice(CROPS), default=None,
               help="center square, face (centre on the largest face), none (pad to square). [default: data.crop]")
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None,

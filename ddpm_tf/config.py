@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from .data.decode import CROPS
+from .data.decode import CHANNELS, CROPS
 from .errors import ConfigError
 from .precision import JIT_MODES, PRECISIONS
 from .samplers import SAMPLER_NAMES, SPACINGS, VARIANCES, describe_default_steps
@@ -119,7 +119,7 @@ class RunConfig:
 class DataConfig:
     dir: str = _spec("data/portraits", help="folder of training images, searched recursively")
     image_size: int = _spec(64, lo=8, hi=1024, help="training resolution (square)")
-    channels: int = _spec(3, choices=(1, 3), help="1 = grayscale, 3 = RGB")
+    channels: int = _spec(3, choices=CHANNELS, help="1 = grayscale, 3 = RGB")
     min_side: int = _spec(16, lo=1, help="images whose shorter side is below this are skipped")
     flip: bool = _spec(True, help="random horizontal flips")
     cache: str = _spec("auto", help="folder of the prepared cache; `auto`: `data/cache/NAME-KEY` under the working "
@@ -195,7 +195,8 @@ class SampleConfig:
     n: int = _spec(64, lo=1, hi=100000, help="images to generate")
     batch_size: int = _spec(64, lo=1, hi=4096, help="images per sampler batch")
     seed: int = _spec(0, lo=0, hi=SEED_MAX, help="image i uses seed + i")
-    sampler: str = _spec("ddpm", choices=SAMPLER_NAMES, help="`ddpm`, `ddim` or `dpmpp_2m`")
+    sampler: str = _spec("ddpm", choices=SAMPLER_NAMES,
+                         help="reverse sampler: " + ", ".join(f"`{name}`" for name in SAMPLER_NAMES))
     steps: int = _spec(0, lo=0, hi=100000, help=f"sampler steps (0: the sampler's default: {describe_default_steps()})")
     eta: float = _spec(0.0, lo=0.0, hi=1.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
     spacing: str = _spec("linspace", choices=SPACINGS,

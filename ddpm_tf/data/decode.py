@@ -24,6 +24,7 @@ from ..errors import DataError
 
 # How an image becomes a square: centre square, centred on the largest face (the face extra), or padded.
 CROPS = ("center", "face", "none")
+CHANNELS = (1, 3)  # grayscale or RGB
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm", ".pnm", ".pbm"}
 
 # Why a file is not used. Decoding decides these seven (the scan may find the last two first), prepare.py the rest.
