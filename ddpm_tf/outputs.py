@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .errors import OutputError
 
-_NUMBER_RE = re.compile(r"^(\d{5,})-")
+NUMBERED_RE = re.compile(r"^(\d{5,})-")  # the NNNNN- prefix of a numbered default output
 
 
 def next_number(folder: Path) -> int:
@@ -19,7 +19,7 @@ def next_number(folder: Path) -> int:
         names = os.listdir(folder)
     except OSError:
         return 1
-    used = [int(m.group(1)) for m in map(_NUMBER_RE.match, names) if m]
+    used = [int(m.group(1)) for m in map(NUMBERED_RE.match, names) if m]
     return max(used, default=0) + 1
 
 

@@ -33,6 +33,7 @@ import yaml
 from . import config as config_mod
 from .errors import RunError
 from .images import atomic_write_bytes
+from .outputs import NUMBERED_RE
 
 MARKER_NAME = ".ddpm_tf_run"
 CONFIG_HEADER = "# Resolved configuration of this run (written by ddpm train)."
@@ -172,7 +173,7 @@ class RunDir:
         """The per-image folders beside default sample grids (samples/NNNNN-grid-.../)."""
         if not self.samples.is_dir() or self.samples.is_symlink():
             return []
-        return [p for p in self.samples.iterdir() if p.is_dir() and _NUMBERED_RE.match(p.name)]
+        return [p for p in self.samples.iterdir() if p.is_dir() and NUMBERED_RE.match(p.name)]
 
     def _is_our_name(self, folder: Path, name: str, owned: dict) -> bool:
         if folder in owned:
@@ -205,6 +206,16 @@ class RunDir:
     def export_path(self, step: int) -> Path:
         return self.exports / export_name(step)
 
+    def checkpoint_prefixes(self) -> dict[int, str]:
+        """{step: prefix} of the checkpoints whose index file is on disk (`ckpt-N.index`), whatever the
+        manager's state file says."""
+        out = {}
+        for p in self.checkpoints.glob("ckpt-*.index"):
+            number = p.stem.rsplit("-", 1)[1]
+            if number.isdigit():
+                out[int(number)] = str(p.with_suffix(""))
+        return out
+
     def latest_export(self, step: int | None = None) -> tuple[int, Path]:
         """(step, path) of the newest EMA export, or of the one at `step`."""
         exports = self.export_paths()
@@ -224,8 +235,6 @@ class RunDir:
         for step in sorted(exports)[:-keep]:
             exports[step].unlink(missing_ok=True)
 
-
-_NUMBERED_RE = re.compile(r"^\d{5}-")
 
 
 def weights_dict(model) -> dict[str, np.ndarray]:
@@ -365,11 +374,7 @@ class RunLock:
     def live_owner(self) -> dict | None:
         """The owner when a process holds the lock now: alive on this host, or on another host (unknowable)."""
         owner = self.owner()
-        if not owner:
-            return None
-        if owner.get("host") == socket.gethostname() and not pid_alive(owner["pid"]):
-            return None
-        return owner
+        return owner if _holds(owner) else None
 
     def acquire(self) -> str | None:
         """Take the lock; returns a note when a stale or damaged lock was taken over."""
@@ -383,11 +388,10 @@ class RunLock:
                 owner = self.owner()
                 if owner is None:
                     continue  # released meanwhile
-                live = self.live_owner()
-                if live:
+                if _holds(owner):
                     raise RunError(
-                        f"{self.run.path} is being trained by process {live['pid']} on {live.get('host')} (since "
-                        f"{live.get('since')}); wait for it or stop it. If that process is gone, delete "
+                        f"{self.run.path} is being trained by process {owner['pid']} on {owner.get('host')} (since "
+                        f"{owner.get('since')}); wait for it or stop it. If that process is gone, delete "
                         f"{self.path}") from None
                 self.path.unlink(missing_ok=True)
                 note = (f"took over a stale lock of process {owner['pid']} (no longer running)" if owner else
@@ -404,6 +408,11 @@ class RunLock:
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False
+
+
+def _holds(owner: dict | None) -> bool:
+    """Whether a lock's owner still runs: alive on this host, or on another host (which cannot be asked)."""
+    return bool(owner) and not (owner.get("host") == socket.gethostname() and not pid_alive(owner["pid"]))
 
 
 def _csv_value(value) -> str:

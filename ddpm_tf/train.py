@@ -116,8 +116,8 @@ def _checkpoint_manager(ckpt, run: RunDir, keep: int, log):
     try:
         tf.train.get_checkpoint_state(str(run.checkpoints))
     except Exception as exc:  # noqa: BLE001 - TensorFlow raises anything from UnicodeDecodeError to OpError here
-        prefixes = sorted((str(p.with_suffix("")) for p in run.checkpoints.glob("ckpt-*.index")),
-                          key=lambda p: int(p.rsplit("-", 1)[1]) if p.rsplit("-", 1)[1].isdigit() else -1)
+        on_disk = run.checkpoint_prefixes()
+        prefixes = [on_disk[step] for step in sorted(on_disk)]
         log(f"{state} is damaged ({type(exc).__name__}); rebuilt it from the {len(prefixes)} checkpoint files there")
         state.unlink()
         if prefixes:
@@ -128,9 +128,9 @@ def _checkpoint_manager(ckpt, run: RunDir, keep: int, log):
 def _checkpoint_candidates(run: RunDir, manager) -> list[str]:
     """Checkpoint prefixes, newest first: those the manager lists, and any complete-looking `ckpt-N.index`
     on disk (a damaged state file lists none)."""
-    on_disk = [str(p.with_suffix("")) for p in run.checkpoints.glob("ckpt-*.index")]
-    prefixes = {p: int(p.rsplit("-", 1)[1]) for p in [*manager.checkpoints, *on_disk] if p.rsplit("-", 1)[1].isdigit()}
-    return sorted(prefixes, key=prefixes.get, reverse=True)
+    listed = {int(p.rsplit("-", 1)[1]): p for p in manager.checkpoints if p.rsplit("-", 1)[1].isdigit()}
+    prefixes = {**run.checkpoint_prefixes(), **listed}
+    return [prefixes[step] for step in sorted(prefixes, reverse=True)]
 
 
 def _restore_newest_loadable(ckpt, candidates: list[str], run: RunDir, log) -> tuple[str | None, list[str]]:
@@ -199,7 +199,7 @@ def _open_run_dir(cfg, run: RunDir, restart: bool, echo, log) -> None:
     if restart:
         removed = run.remove_written()
         echo(f"--restart: removed {len(removed)} files of the previous run in {run.path} (samples/ is kept)")
-    if any(run.checkpoints.glob("ckpt-*.index")):
+    if run.checkpoint_prefixes():
         _check_resume_compatible(run.load_config(), cfg, run)
         _check_written_by(run, log)
 
