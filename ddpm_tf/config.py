@@ -14,7 +14,7 @@ import yaml
 from .data.decode import CHANNELS, CROPS
 from .errors import ConfigError
 from .precision import JIT_MODES, PRECISIONS
-from .samplers import SAMPLER_NAMES, SPACINGS, VARIANCES, describe_default_steps
+from .samplers import GUIDANCE_DEFAULT, SAMPLER_NAMES, SPACINGS, VARIANCES, describe_default_steps
 from .schedule import BETA_SCHEDULES, LOSS_WEIGHTINGS, PREDICTIONS
 from .seeds import SEED_MAX, seed_range_problem
 
@@ -186,6 +186,9 @@ class TrainConfig:
     min_snr_gamma: float = _spec(5.0, lo=0.01, hi=1000.0, help="gamma of min-SNR weighting")
     jit_compile: str = _spec("auto", choices=JIT_MODES,
                              help="XLA for the train step and the sampler: `auto` = on with a GPU, off on a CPU")
+    label_dropout: float = _spec(0.1, lo=0.0, hi=1.0,
+                                 help="with labels (data.labels): share of images trained with the null label, "
+                                      "the unconditional branch classifier-free guidance needs (Ho & Salimans 2022)")
     eval_every: int = _spec(0, lo=0, help="KID/FID/near-copies (the `eval` section's settings) every N epochs, "
                                           "to `RUN/eval.csv` and TensorBoard (0: never)")
 
@@ -204,6 +207,9 @@ class SampleConfig:
     variance: str = _spec("small", choices=VARIANCES,
                           help="DDPM reverse variance: `small` (posterior) or `large` (beta)")
     clip_x0: bool = _spec(True, help="clip the predicted x0 to [-1, 1] at every step")
+    guidance: float = _spec(GUIDANCE_DEFAULT, lo=0.0, hi=100.0,
+                            help="classifier-free guidance scale W of a run with labels: uncond + W (cond - uncond); "
+                                 "1 plain conditional, 0 unconditional, above 1 more typical of the class")
 
 
 @dataclass(frozen=True)

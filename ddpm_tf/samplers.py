@@ -10,6 +10,9 @@ prediction, which the multistep solver needs and the others carry along. Randomn
 draws its noise from the stateless seed (seeds[i], t), so an image is the same whatever the batch it is
 generated in.
 
+A run with labels samples with classifier-free guidance (Ho & Salimans 2022): `guided_denoiser` wraps the
+network so that every sampler gets uncond + W (cond - uncond), both branches in one batched forward pass.
+
 The names, default steps and options of the samplers are read by config.py and cli.py, which must not
 import TensorFlow: it is imported inside the functions that need it.
 """
@@ -26,6 +29,38 @@ from .schedule import Schedule, posterior, split_prediction
 
 SPACINGS = ("linspace", "trailing")
 VARIANCES = ("small", "large")  # the ddpm sampler's reverse variance: the posterior's, or beta
+GUIDANCE_DEFAULT = 2.0  # sample.guidance; 1 is the plain conditional model, 0 the unconditional one
+
+
+def guide(cond, uncond, guidance: float):
+    """Classifier-free guidance in diffusers' convention: uncond + W (cond - uncond). W = 1 is the conditional
+    prediction, W = 0 the unconditional one; Ho & Salimans 2022 write (1 + w) cond - w uncond, w = W - 1.
+    Linear in the network output, so the same for an eps, v or x0 prediction."""
+    return uncond + guidance * (cond - uncond)
+
+
+def guided_denoiser(net, guidance: float = 1.0):
+    """denoise(x_t, t, labels) of `net`: for a network with labels, the guided prediction for (B, K) multi-hot
+    `labels` (all zero: the null label, unconditional); the conditional and unconditional branches run as one
+    batch of 2B. A network without labels ignores `labels`."""
+    from .compat import tf
+    from .unet import num_labels_of
+
+    if not num_labels_of(net):
+        return lambda x, t, labels: net([x, t], training=False)
+    if guidance == 1.0:  # one branch suffices: W = 1 is the conditional prediction itself
+        return lambda x, t, labels: net([x, t, labels], training=False)
+    if guidance == 0.0:
+        return lambda x, t, labels: net([x, t, tf.zeros_like(labels)], training=False)
+
+    def denoise(x, t, labels):
+        b = tf.shape(x)[0]
+        out = net([tf.concat([x, x], 0), tf.concat([t, t], 0), tf.concat([labels, tf.zeros_like(labels)], 0)],
+                  training=False)
+        out = tf.cast(out, tf.float32)
+        return guide(out[:b], out[b:], guidance)
+
+    return denoise
 
 
 def per_image_normal(seeds, counter, image_shape):
@@ -221,18 +256,23 @@ class Sampler:
     """A compiled reverse loop for one network, schedule, sampler, step count and options.
 
     The resolved settings are attributes: `name`, `num_steps`, `timesteps`, `spacing`, `clip_x0`,
-    `prediction` and `options` (the sampler's own, e.g. ddim's eta or ddpm's variance; an option the
-    sampler does not take is a ValueError). The loop runs in chunks, each one call of a single
+    `prediction`, `guidance` and `options` (the sampler's own, e.g. ddim's eta or ddpm's variance; an option
+    the sampler does not take is a ValueError). `num_labels` is the network's K (0 without labels); a call
+    takes one (K,) multi-hot label row per image (none: unconditional). The loop runs in chunks, each one call of a single
     `tf.function` (traced once per batch shape), so Python does about 20 calls per image batch and the
     progress bar still moves.
     """
 
     def __init__(self, net, schedule: Schedule, name: str = "ddpm", steps: int | None = None, *,
                  spacing: str = "linspace", clip_x0: bool = True, prediction: str = "eps",
-                 jit_compile: bool = False, chunks: int = 20, **options):
+                 guidance: float = 1.0, jit_compile: bool = False, chunks: int = 20, **options):
         from .compat import tf
+        from .unet import num_labels_of
 
+        if guidance < 0:
+            raise ValueError(f"guidance must be >= 0 (0 unconditional, 1 conditional), got {guidance}")
         self.options = sampler_options(name, options)
+        self.num_labels, self.guidance = num_labels_of(net), float(guidance)
         self.name, self.spacing, self.clip_x0, self.prediction = name, spacing, bool(clip_x0), prediction
         if steps is None:  # the sampler's default, at most the run's T
             steps = min(SAMPLERS[name].default_steps or schedule.timesteps, schedule.timesteps)
@@ -242,12 +282,12 @@ class Sampler:
         coefficients = SAMPLERS[name].coefficients(schedule, self.timesteps, **self.options)
         self.schedule = schedule
 
-        def denoise(x, t):
-            return net([x, t], training=False)
+        guided = guided_denoiser(net, self.guidance)
 
-        def run(x, x0_prev, seeds, start, stop):
-            return reverse_steps(denoise, schedule, (x, x0_prev), seeds, start, stop, timesteps=self.timesteps,
-                                 coefficients=coefficients, clip_x0=clip_x0, prediction=prediction)
+        def run(x, x0_prev, seeds, labels, start, stop):
+            return reverse_steps(lambda x_t, t: guided(x_t, t, labels), schedule, (x, x0_prev), seeds, start, stop,
+                                 timesteps=self.timesteps, coefficients=coefficients, clip_x0=clip_x0,
+                                 prediction=prediction)
 
         self._run = tf.function(run, jit_compile=jit_compile, reduce_retracing=True)
 
@@ -267,34 +307,50 @@ class Sampler:
                 "ddpm_tf:spacing": self.spacing}
         meta.update({f"ddpm_tf:{key}": value for key, value in self.options.items()})
         meta.update({"ddpm_tf:clip_x0": self.clip_x0, "ddpm_tf:prediction": self.prediction})
+        if self.num_labels:
+            meta["ddpm_tf:guidance"] = self.guidance
         return meta
 
-    def run_steps(self, x, x0_prev, seeds, start: int, stop: int):
+    def label_rows(self, labels, count: int) -> np.ndarray:
+        """(count, K) float32 label rows: `labels` checked against the network's K, or all zero (unconditional)."""
+        if labels is None:
+            return np.zeros((count, self.num_labels), np.float32)
+        labels = np.asarray(labels, np.float32).reshape(count, -1)
+        if labels.shape[1] != self.num_labels:
+            raise ValueError(f"labels have {labels.shape[1]} columns, the network takes {self.num_labels}")
+        return labels
+
+    def run_steps(self, x, x0_prev, seeds, start: int, stop: int, labels=None):
         """Steps [start, stop) of the compiled loop on tensors: (x, x0_prev) after them (for benchmarks too)."""
         from .compat import tf
 
-        return self._run(x, x0_prev, tf.cast(seeds, tf.int32), tf.constant(start, tf.int32),
-                         tf.constant(stop, tf.int32))
+        if labels is None:
+            labels = self.label_rows(None, int(x.shape[0]))
+        return self._run(x, x0_prev, tf.cast(seeds, tf.int32), tf.cast(labels, tf.float32),
+                         tf.constant(start, tf.int32), tf.constant(stop, tf.int32))
 
-    def __call__(self, seeds, image_shape, progress=None, x_start=None, start_index: int = 0) -> np.ndarray:
-        """One image per seed, float32 (B, H, W, C) in about [-1, 1]. `x_start` replaces the seeds' x_T
-        and `start_index` skips the first steps (x_start must then be noised to that step's level)."""
+    def __call__(self, seeds, image_shape, progress=None, x_start=None, start_index: int = 0,
+                 labels=None) -> np.ndarray:
+        """One image per seed, float32 (B, H, W, C) in about [-1, 1], image i conditioned on row i of `labels`
+        (none: unconditional). `x_start` replaces the seeds' x_T and `start_index` skips the first steps
+        (x_start must then be noised to that step's level)."""
         from .compat import tf
 
+        labels = tf.constant(self.label_rows(labels, len(seeds)))
         seeds = tf.constant(np.asarray(seeds, dtype=np.int32))
         x = initial_noise(seeds, tf.constant(image_shape, dtype=tf.int32)) if x_start is None else \
             tf.constant(x_start, tf.float32)
         x0_prev = tf.zeros_like(x)
         for start in range(start_index, self.num_steps, self.chunk):
             stop = min(start + self.chunk, self.num_steps)
-            x, x0_prev = self.run_steps(x, x0_prev, seeds, start, stop)
+            x, x0_prev = self.run_steps(x, x0_prev, seeds, start, stop, labels)
             if progress is not None:
                 progress(stop - start)
         return x.numpy()
 
 
 def sampler_from_config(net, cfg, name: str | None = None, steps: int | None = None, *, eta: float | None = None,
-                        spacing: str | None = None, defaults=None) -> Sampler:
+                        spacing: str | None = None, guidance: float | None = None, defaults=None) -> Sampler:
     """The sampler a run's config describes, for its network `net`.
 
     `defaults` (the config's `sample` section unless given, e.g. `cfg.eval`) supplies the sampler, steps
@@ -317,26 +373,29 @@ def sampler_from_config(net, cfg, name: str | None = None, steps: int | None = N
     try:
         return Sampler(net, Schedule.from_config(cfg.diffusion), name, steps or defaults.steps or None,
                        spacing=spacing or cfg.sample.spacing, clip_x0=cfg.sample.clip_x0,
-                       prediction=cfg.diffusion.prediction, jit_compile=use_xla(cfg.train.jit_compile), **options)
+                       prediction=cfg.diffusion.prediction, jit_compile=use_xla(cfg.train.jit_compile),
+                       guidance=cfg.sample.guidance if guidance is None else guidance, **options)
     except ValueError as exc:  # steps beyond the run's T
         raise RunError(f"sampler: {exc}") from None
 
 
 def sample_seeds(sampler, seeds, image_shape, batch_size: int, progress_factory=None, echo=print,
-                 desc: str | None = None, beat=None) -> np.ndarray:
-    """uint8 images, one per seed, in batches, with a progress bar over all their sampler steps; `beat(n)`
-    (a stall watchdog's) is called with the steps of every finished chunk."""
+                 desc: str | None = None, beat=None, labels=None) -> np.ndarray:
+    """uint8 images, one per seed (conditioned on the matching row of `labels`, (N, K), when given), in batches,
+    with a progress bar over all their sampler steps; `beat(n)` (a stall watchdog's) is called with the steps
+    of every finished chunk."""
     total = sampler.num_steps * -(-len(seeds) // batch_size)
     bar = progress_factory(total=total, desc=desc) if progress_factory else None
     hooks = [h for h in (bar.update if bar else None, beat) if h is not None]
     try:
-        return _run_batches(sampler, seeds, image_shape, batch_size, lambda n: [h(n) for h in hooks], echo)
+        return _run_batches(sampler, seeds, sampler.label_rows(labels, len(seeds)), image_shape, batch_size,
+                            lambda n: [h(n) for h in hooks], echo)
     finally:
         if bar is not None:
             bar.close()
 
 
-def _run_batches(sampler, seeds, image_shape, batch_size: int, progress, echo) -> np.ndarray:
+def _run_batches(sampler, seeds, labels, image_shape, batch_size: int, progress, echo) -> np.ndarray:
     """Sample all seeds in batches; a batch that does not fit in memory is split in two and retried."""
     from .compat import tf
     from .images import to_uint8
@@ -345,7 +404,7 @@ def _run_batches(sampler, seeds, image_shape, batch_size: int, progress, echo) -
     while lo < len(seeds):
         batch = seeds[lo:lo + batch_size]
         try:
-            x = sampler(batch, image_shape, progress=progress)
+            x = sampler(batch, image_shape, progress=progress, labels=labels[lo:lo + len(batch)])
         except tf.errors.ResourceExhaustedError:
             if batch_size == 1:
                 raise

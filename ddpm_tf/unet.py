@@ -1,10 +1,15 @@
-"""The noise-prediction U-Net: (x_t, t) -> prediction. Knows nothing of schedules or files.
+"""The noise-prediction U-Net: (x_t, t[, labels]) -> prediction. Knows nothing of schedules or files.
 
 Layout (Ho et al. 2020, Appendix B; the reference keras-io design): conv in; per level `num_res_blocks`
 residual blocks (self-attention after each at `attention_resolutions`) and a stride-2 conv down;
 a bottleneck of residual, attention, residual; per level going up `num_res_blocks + 1` residual
 blocks, each fed the matching skip, and a nearest upsample + conv; GroupNorm, swish, conv out.
 Every layer has an explicit, unique name: the portable weight export keys on those names.
+
+A run with labels (classes or tags) adds a third input, a (B, K) multi-hot vector, whose embedding is added
+to the time embedding (as diffusers' class embedding and guided-diffusion's label_emb are); an all-zero
+vector is the null label of classifier-free guidance. Without labels the network is exactly the unlabelled
+one: same inputs, layers and parameter count.
 """
 
 from __future__ import annotations
@@ -148,6 +153,33 @@ class AddTimeEmbedding(layers.Layer):
         return h + tf.cast(emb, h.dtype)[:, None, None, :]
 
 
+class LabelEmbedding(layers.Layer):
+    """(B, K) multi-hot labels -> (B, dim): the sum of the active labels' embeddings, or a learned null
+    embedding when none is active (the unconditional branch of classifier-free guidance, Ho & Salimans 2022).
+
+    One class is a one-hot row; tags are several ones, whose embeddings add. The null embedding is a weight
+    of its own, so "no label" is never any real class's embedding, nor the sum of none (zero).
+    """
+
+    def __init__(self, num_labels: int, dim: int, **kwargs):
+        super().__init__(**kwargs)
+        self.num_labels, self.dim = num_labels, dim
+
+    def build(self, input_shape):
+        self.embeddings = self.add_weight(name="embeddings", shape=(self.num_labels, self.dim), initializer=_init())
+        self.null = self.add_weight(name="null", shape=(self.dim,), initializer=_init())
+        super().build(input_shape)
+
+    def call(self, labels):
+        labels = tf.cast(labels, self.compute_dtype)  # (B, K)
+        is_null = tf.cast(tf.reduce_max(labels, axis=-1, keepdims=True) <= 0, self.compute_dtype)  # (B, 1)
+        emb = tf.matmul(labels, tf.cast(self.embeddings, self.compute_dtype))
+        return emb + is_null * tf.cast(self.null, self.compute_dtype)[None, :]
+
+    def get_config(self):
+        return {**super().get_config(), "num_labels": self.num_labels, "dim": self.dim}
+
+
 class SelfAttention(layers.Layer):
     """Multi-head dot-product attention over all H*W positions, from fused q|k|v (B, H, W, 3C).
 
@@ -230,8 +262,9 @@ def _attn_block(x, cfg, name: str):
     return layers.Add(name=f"{name}_add")([x, h])
 
 
-def build_unet(model_cfg, image_size: int, channels: int, name: str = "unet") -> keras.Model:
-    """The U-Net a `ModelConfig` describes, for square images of `image_size` with `channels` channels."""
+def build_unet(model_cfg, image_size: int, channels: int, name: str = "unet", num_labels: int = 0) -> keras.Model:
+    """The U-Net a `ModelConfig` describes, for square images of `image_size` with `channels` channels;
+    with `num_labels` > 0 it takes a third input, (B, num_labels) multi-hot labels (all zero: unconditional)."""
     cfg = model_cfg
     widths = [cfg.base_channels * m for m in cfg.channel_mult]
     attn = [image_size // 2**i in cfg.attention_resolutions for i in range(len(widths))]
@@ -243,6 +276,12 @@ def build_unet(model_cfg, image_size: int, channels: int, name: str = "unet") ->
     temb = TimeEmbedding(temb_dim, name="temb_sinusoid")(t)
     temb = layers.Dense(temb_dim, activation="swish", kernel_initializer=_init(), name="temb_dense1")(temb)
     temb = layers.Dense(temb_dim, kernel_initializer=_init(), name="temb_dense2")(temb)
+    inputs = [x_t, t]
+    if num_labels:
+        labels = keras.Input(shape=(num_labels,), dtype="float32", name="labels")
+        inputs.append(labels)
+        label_emb = LabelEmbedding(num_labels, temb_dim, name="label_emb")(labels)
+        temb = layers.Add(name="temb_add_labels")([temb, label_emb])
     # Every residual block projects swish(temb); computing the swish once is the same maths.
     temb_act = layers.Activation("swish", name="temb_swish")(temb)
 
@@ -282,7 +321,13 @@ def build_unet(model_cfg, image_size: int, channels: int, name: str = "unet") ->
     h = layers.Conv2D(channels, 3, padding="same", kernel_initializer=_init(0.0), name="out_conv")(h)
     # The prediction leaves the network in float32 whatever the compute policy: the loss needs it.
     out = layers.Activation("linear", dtype="float32", name="out")(h)
-    return keras.Model([x_t, t], out, name=name)
+    return keras.Model(inputs, out, name=name)
+
+
+def num_labels_of(net) -> int:
+    """K of a network built with `num_labels` = K labels, 0 for an unlabelled one (or any other denoiser)."""
+    inputs = getattr(net, "inputs", None) or ()
+    return int(inputs[2].shape[-1]) if len(inputs) > 2 else 0
 
 
 def forward_flops(model_cfg, image_size: int, channels: int) -> float:
