@@ -122,7 +122,8 @@ class LabelSet:
         def closeness(n: str) -> tuple:
             return -difflib.SequenceMatcher(None, key, n).ratio(), natural_key(n)
 
-        raise LabelError(f"unknown {self.kind} {name!r}: {self._known()} {_listing(sorted(self.names, key=closeness))}")
+        closest_first = sorted(self.names, key=closeness)
+        raise LabelError(f"unknown {self.kind} {name!r}: {self._known()} {_listing(closest_first)}")
 
     def vector(self, names: list[str]) -> np.ndarray:
         """(K,) float32 multi-hot of `names` (each resolved); LabelError for an unknown name or for none."""
@@ -132,7 +133,8 @@ class LabelSet:
             if self.mode == "tags":
                 raise LabelError('--tags: no tag given: expected comma-separated tags, e.g. --tags "smile, glasses"; '
                                  f"{self._known()} {_listing(self.names)}")
-            raise LabelError(f"--class: no class given: {self._known()} {_listing(sorted(self.names, key=natural_key))}")
+            in_order = sorted(self.names, key=natural_key)
+            raise LabelError(f"--class: no class given: {self._known()} {_listing(in_order)}")
         v = np.zeros(len(self.names), np.float32)
         for name in names:
             v[self._columns[self.resolve(name)]] = 1.0
@@ -300,9 +302,9 @@ def _tags(records, used, data_cfg) -> Found:
                   {t: counts[t] for t in ranked if counts[t] < least}, warnings)
     if not vocab:
         found.problem = (f"data.labels = tags, but no tag is on at least data.min_tag_count = {least} used images "
-                         f"({len(read)} caption files read, {len(counts)} distinct tags): add caption files beside the "
-                         "images (img001.png + img001.txt, comma-separated tags), lower data.min_tag_count or set "
-                         "data.labels: none")
+                         f"({len(read)} caption files read, {len(counts)} distinct tags): add caption files beside "
+                         "the images (img001.png + img001.txt, comma-separated tags), lower data.min_tag_count or "
+                         "set data.labels: none")
     return found
 
 
@@ -347,7 +349,7 @@ def report(found: Found) -> list[str]:
     if found.rare:
         rare = ", ".join(f"{t} ({k})" for t, k in list(found.rare.items())[:5])
         more = f" (+{len(found.rare) - 5} more)" if len(found.rare) > 5 else ""
-        line = f"  rare tags, on fewer than {found.min_tag_count} images, not conditioned on: {len(found.rare)}: {rare}"
+        line = f"  rare tags, on fewer than {found.min_tag_count} images, not conditioned on: {len(found.rare)}: " + rare
         lines.append((line[:WIDTH - len(more) - 3] + "..." if len(line) + len(more) > WIDTH else line) + more)
     small = sorted((k, natural_key(name), name) for name, k in counts.items() if k < found.min_class_images)
     plural = "classes" if label_set.mode == "folders" else "tags"

@@ -457,8 +457,8 @@ def _manifest(src: Path, out: Path, settings: DecodeSettings, records: list[File
             "settings": cache_mod.settings_dict(settings), "counts": dict(sorted(counts.items())), "files": rows}
 
 
-REASON_ORDER = ("used", labels_mod.CAPTION, DUPLICATE, NEAR_DUPLICATE, "too-small", "not-an-image", "empty", "truncated-or-corrupt",
-                "decompression-bomb", UNREADABLE, SYMLINK_LOOP, BROKEN_LINK, NOT_A_FILE)
+REASON_ORDER = ("used", labels_mod.CAPTION, DUPLICATE, NEAR_DUPLICATE, "too-small", "not-an-image", "empty",
+                "truncated-or-corrupt", "decompression-bomb", UNREADABLE, SYMLINK_LOOP, BROKEN_LINK, NOT_A_FILE)
 FACE_NOTES = {"found": "centred on the largest face", "none": "with no face found, centre-cropped instead",
               "no-opencv": "centre-cropped instead: OpenCV not installed (pip install ddpm_tf[face])"}
 
