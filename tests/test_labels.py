@@ -203,6 +203,20 @@ def test_a_changed_caption_is_incremental_and_labels_survive_the_cache(tmp_path)
     assert json.loads((out / INDEX).read_text(encoding="utf-8"))["labels"] is None
 
 
+def test_a_read_only_cache_is_still_used_when_only_other_files_change(tmp_path, monkeypatch):
+    src, out = tmp_path / "tagged", tmp_path / "cache"
+    write_captioned(src, ["smile", "smile"])
+    quiet(cfg(src, out, labels="tags"))
+    manifest = (out / MANIFEST).read_bytes()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: (str(p) != str(out) or not mode & os.W_OK)
+                        and real_access(p, mode))  # root writes anywhere: chmod cannot make it read-only
+    (src / "notes.txt").write_text("x", encoding="utf-8")
+    again = quiet(cfg(src, out, labels="tags"))
+    assert again.decoded == 0 and again.labels.counts() == {"smile": 2}
+    assert (out / MANIFEST).read_bytes() == manifest
+
+
 def test_damaged_labels_in_the_index_rebuild_the_cache(tmp_path):
     src, out = tmp_path / "people", tmp_path / "cache"
     write_images(src / "a", 2)

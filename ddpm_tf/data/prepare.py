@@ -430,7 +430,8 @@ def _write(out, old, used, old_rows, staged, entries, records, settings, manifes
         index = {"settings": cache_mod.settings_dict(settings), "source": manifest["source"], "shape": list(shape),
                  "count": len(used), "shards": shards, "entries": kept, "files": files, "labels": labels}
         if old is not None and {k: old.index.get(k) for k in index} == index:
-            cache_mod.write_manifest_only(out, manifest)  # the index is unchanged; files it does not list may not be
+            if os.access(out, os.W_OK | os.X_OK):  # a read-only cache is used as it is, its manifest too
+                cache_mod.write_manifest_only(out, manifest)  # files the index does not list may have changed
             return
         cache_mod.commit(out, index, manifest)
     except BaseException:
