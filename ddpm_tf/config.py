@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from .data.decode import CHANNELS, CROPS
+from .data.labels import LABEL_MODES
 from .errors import ConfigError
 from .precision import JIT_MODES, PRECISIONS
 from .samplers import GUIDANCE_DEFAULT, SAMPLER_NAMES, SPACINGS, VARIANCES, describe_default_steps
@@ -138,6 +139,13 @@ class DataConfig:
     workers: int = _spec(0, lo=0, hi=256, help="decoding processes (0: one per CPU core)")
     memory_mb: int = _spec(1024, lo=0,
                            help="caches up to this size are loaded into memory, larger ones read memory-mapped")
+    labels: str = _spec("none", choices=LABEL_MODES,
+                        help="what to condition on: `none`, `folders` (the first-level subfolder of data.dir is the "
+                             "class; images directly in it are unlabelled) or `tags` (`img001.txt` beside "
+                             "`img001.png`: comma-separated tags)")
+    min_tag_count: int = _spec(2, lo=1, help="the tag vocabulary is the tags on at least this many used images; "
+                                             "rarer ones are reported, not conditioned on")
+    min_class_images: int = _spec(5, lo=1, help="`ddpm prepare` warns about classes (or tags) with fewer used images")
 
 
 @dataclass(frozen=True)

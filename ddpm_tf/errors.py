@@ -22,6 +22,13 @@ class DataError(UserError, ValueError):
     """The data folder cannot be used at all (missing, or no usable image), or one given image cannot be."""
 
 
+class LabelError(DataError):
+    """A label asked for that the data or the run does not have (an unknown class or tag, an empty tag list),
+    or a stored label set that cannot be read; exit 2, like a bad option."""
+
+    exit_code = 2
+
+
 class RunError(UserError, ValueError):
     """A run directory that cannot be used for what was asked (no config, no weights, ...)."""
 

@@ -3,7 +3,8 @@
 Layout of a cache folder:
 
     cache.json                  format version, decode settings, shard list with sizes and sha256,
-                                per-content results (keyed by the file's sha256) and per-path stat data
+                                per-content results (keyed by the file's sha256), per-path stat data and
+                                the labels of the rows (data.labels; null when off)
     manifest.json               one row per file under the source folder: what happened to it
     images-GEN-00000.npy ...    (rows, S, S, C) uint8 shards; image i of the training set is row
                                 i % rows_per_shard of shard i // rows_per_shard
@@ -33,6 +34,7 @@ import numpy as np
 from ..errors import DataError
 from ..images import atomic_write_bytes
 from .decode import open_regular, shown
+from .labels import Labels
 
 FORMAT = "ddpm_tf prepared images"
 VERSION = 2  # 2: near-duplicate thumbnails replace mean colours in the entries
@@ -145,6 +147,11 @@ class Cache:
         rows = {e["row"]: h for h, e in self.entries.items() if e.get("row") is not None}
         return [rows[i] for i in range(len(rows))]
 
+    def labels(self) -> Labels | None:
+        """The labels of the rows (labels.Labels, in row order), or None: written without data.labels."""
+        stored = self.index.get("labels")
+        return None if stored is None else Labels.from_index(stored, self.index["count"])
+
     def images(self) -> ShardedImages:
         shards = self.index["shards"]
         rows = shards[0]["rows"] if shards else 1
@@ -168,7 +175,8 @@ def load_cache(path: Path, settings, verify: bool = True) -> tuple[Cache | None,
             changed = sorted(k for k, v in settings_dict(settings).items() if index["settings"].get(k) != v)
             return None, f"it was made with other settings ({', '.join(changed)} differ)"
         problem = _check_shards(path, index, verify)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        Cache(path, index).labels()  # raises if they are damaged
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
         return None, f"its index {path / INDEX} is damaged ({type(exc).__name__}: {exc})"
     if problem:
         return None, problem
@@ -253,8 +261,15 @@ def _manifest_bytes(manifest: dict) -> bytes:
 
 
 def write_manifest_only(path: Path, manifest: dict) -> None:
-    """The manifest of a folder with no usable image (there is no cache to commit)."""
-    atomic_write_bytes(Path(path) / MANIFEST, _manifest_bytes(manifest))
+    """The manifest alone, unless the one on disk says the same: for a folder with no usable image (there is
+    no cache to commit), or when only files outside the index changed (a new caption or non-image file)."""
+    data = _manifest_bytes(manifest)
+    try:
+        if (Path(path) / MANIFEST).read_bytes() == data:
+            return
+    except OSError:  # none yet, or unreadable: write it
+        pass
+    atomic_write_bytes(Path(path) / MANIFEST, data)
 
 
 class Staging:

@@ -27,7 +27,8 @@ CROPS = ("center", "face", "none")
 CHANNELS = (1, 3)  # grayscale or RGB
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm", ".pnm", ".pbm"}
 
-# Why a file is not used. Decoding decides these seven (the scan may find the last two first), prepare.py the rest.
+# Why a file is not used. Decoding decides these seven (the scan may find the last two first), prepare.py and
+# labels.py (caption) the rest.
 NOT_AN_IMAGE = "not-an-image"
 EMPTY = "empty"
 CORRUPT = "truncated-or-corrupt"

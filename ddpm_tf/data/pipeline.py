@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 
-def make_dataset(images, batch_size: int, seed: int, start_epoch: int = 0, flip: bool = True, skip: int = 0):
+def make_dataset(images, batch_size: int, seed: int, start_epoch: int = 0, flip: bool = True, skip: int = 0,
+                 labels=None):
     """Infinite tf.data pipeline of float32 batches in [-1, 1], one epoch after another.
 
     `images` is an (N, S, S, C) uint8 array (held in the graph) or a cache.ShardedImages (memory-mapped
@@ -15,10 +16,18 @@ def make_dataset(images, batch_size: int, seed: int, start_epoch: int = 0, flip:
     per epoch, and each image's flip is drawn from (seed + 1, epoch) at its index: the data order is a
     pure function of (seed, epoch), and a resumed run continues it exactly. `skip` drops the first
     batches of `start_epoch` (a resume mid-epoch).
+
+    With `labels`, an (N, K) uint8 multi-hot matrix (labels.Labels.matrix, rows as the images'), each batch is
+    (x, y) with y (B, K) float32, gathered with the same index (a flip does not change a label); without, the
+    batches are x alone, exactly as before labels existed.
     """
     from ..compat import tf
 
     n = len(images)
+    if labels is not None:
+        labels = np.asarray(getattr(labels, "matrix", labels), np.uint8)  # a labels.Labels or its matrix
+        assert labels.ndim == 2 and len(labels) == n, f"labels {labels.shape} for {n} images"
+        label_table = tf.constant(labels)  # (N, K) uint8: small beside the images
     shape = tuple(int(d) for d in images.shape[1:])
     if isinstance(images, np.ndarray):
         table = tf.constant(images)  # (N, S, S, C) uint8
@@ -35,11 +44,12 @@ def make_dataset(images, batch_size: int, seed: int, start_epoch: int = 0, flip:
         order = tf.argsort(tf.random.stateless_uniform([n], seed=tf.stack([seed, epoch_seed])))
         flips = tf.random.stateless_uniform([n], seed=tf.stack([seed + 1, epoch_seed])) < 0.5
 
-        def load(index):  # (B,) int32 -> (B, S, S, C) float32
+        def load(index):  # (B,) int32 -> (B, S, S, C) float32 [, (B, K) float32]
             x = gather(index)
             if flip:
                 x = tf.where(tf.gather(flips, index)[:, None, None, None], tf.reverse(x, axis=[2]), x)
-            return tf.cast(x, tf.float32) / 127.5 - 1.0
+            x = tf.cast(x, tf.float32) / 127.5 - 1.0
+            return x if labels is None else (x, tf.cast(tf.gather(label_table, index), tf.float32))
 
         return tf.data.Dataset.from_tensor_slices(order).batch(batch_size).map(load)
 

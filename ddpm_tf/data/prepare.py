@@ -11,8 +11,9 @@ the training set) or skipped with a reason. The steps, in order:
 4. deduplicate: of each content, a regular file is kept before a link (a file link, or anything reached
    through a folder link), then the first in path order; the others are exact duplicates; then near
    duplicates by perceptual hash (data.near_duplicate_threshold bits of 64), in the same preference order;
-5. write: shards, cache.json and manifest.json into the cache folder (cache.py), never under the source.
-   The cache folder is checked (creatable, writable, not a file) before anything is scanned.
+5. label (data.labels, labels.py): each used image's class folder or caption tags, computed afresh;
+6. write: shards, cache.json (with the labels) and manifest.json into the cache folder (cache.py), never
+   under the source. The cache folder is checked (creatable, writable, not a file) before anything is scanned.
 
 File names are kept exactly as the OS gives them (on POSIX a name that is not UTF-8 holds lone surrogates,
 which cache.json stores as JSON \\u escapes); the manifest and the summary show such a name with each
@@ -42,6 +43,7 @@ from PIL import Image
 
 from ..errors import DataError
 from . import cache as cache_mod
+from . import labels as labels_mod
 from .decode import (
     IMAGE_SUFFIXES,
     NOT_A_FILE,
@@ -91,6 +93,12 @@ class Prepared:
     reused: int = 0  # contents whose result came from the cache
     rebuilt: str | None = None  # why an existing cache was not trusted
     faces: Counter = field(default_factory=Counter)
+    label_info: labels_mod.Found | None = None  # None with data.labels: none
+
+    @property
+    def labels(self) -> labels_mod.Labels | None:
+        """The labels of the rows of `images()` (None with data.labels: none)."""
+        return None if self.label_info is None else self.label_info.labels
 
     @property
     def count(self) -> int:
@@ -310,6 +318,8 @@ def prepare(data_cfg, *, echo=print, progress_factory=None, only_changes=False, 
     settings = settings_from_config(data_cfg, draft)
     out, auto, writable, old, why = _open_cache(src, data_cfg, settings, echo)
     records = scan(src)
+    if data_cfg.labels == "tags":
+        labels_mod.mark_captions(records)
     _hash_files(records, old.files if old else {})
 
     # --- decode each content the cache does not know -----------------------------------------------
@@ -329,20 +339,27 @@ def prepare(data_cfg, *, echo=print, progress_factory=None, only_changes=False, 
         bar = progress_factory(total=len(todo), desc="decode") if progress_factory and len(todo) >= SERIAL_BELOW \
             else None
         used, old_rows = _decode_and_classify(todo, first_path, entries, old, staged, records, data_cfg, result, bar)
-        manifest = _manifest(src, out, settings, records)
+        result.label_info = info = labels_mod.collect(records, data_cfg)
+        stored = info.stored() if info else None
+        manifest = _manifest(src, out, settings, records, info)
         with cache_mod.writing(out, auto):
             if not used:
                 out.mkdir(parents=True, exist_ok=True)
                 cache_mod.write_manifest_only(out, manifest)
-            else:
-                _write(out, old, used, old_rows, staged, entries, records, settings, manifest)
+            else:  # the decoded images are kept even when the labels stop prepare below
+                _write(out, old, used, old_rows, staged, entries, records, settings, manifest, stored)
     finally:
         staged.close()
     if not used:
         echo(summary(result))
         raise DataError(f"data.dir: no usable image under {shown(str(src))} ({len(records)} files; reasons above and "
                         f"in {shown(str(result.manifest))})")
-    if not only_changes or result.decoded or result.count < len(records):
+    if info and info.problem:
+        echo(summary(result))
+        raise DataError(info.problem)
+    skipped = any(r.reason not in (None, labels_mod.CAPTION) for r in records)
+    relabelled = old is None or old.index.get("labels") != stored
+    if not only_changes or result.decoded or skipped or relabelled:
         echo(summary(result))
     return result
 
@@ -382,9 +399,10 @@ def _decode_and_classify(todo, first_path, entries, old, staged, records, data_c
     return used, old_rows
 
 
-def _write(out, old, used, old_rows, staged, entries, records, settings, manifest) -> None:
-    """New shards unless the training set is unchanged, then the index and the manifest (cache.commit); the
-    shards of this run are removed again if anything fails before the index names them."""
+def _write(out, old, used, old_rows, staged, entries, records, settings, manifest, labels) -> None:
+    """New shards unless the training set is unchanged, then the index (with `labels`, the stored form) and the
+    manifest (cache.commit); the shards of this run are removed again if anything fails before the index names
+    them."""
     shape = (settings.size, settings.size, settings.channels)
     out.mkdir(parents=True, exist_ok=True)
     written: list[str] = []
@@ -410,23 +428,28 @@ def _write(out, old, used, old_rows, staged, entries, records, settings, manifes
         files = {rec.path: {"size": rec.size, "mtime_ns": rec.mtime_ns, "sha256": rec.sha256}
                  for rec in records if rec.sha256}
         index = {"settings": cache_mod.settings_dict(settings), "source": manifest["source"], "shape": list(shape),
-                 "count": len(used), "shards": shards, "entries": kept, "files": files}
+                 "count": len(used), "shards": shards, "entries": kept, "files": files, "labels": labels}
         if old is not None and {k: old.index.get(k) for k in index} == index:
-            return  # nothing changed: nothing written
+            if os.access(out, os.W_OK | os.X_OK):  # a read-only cache is used as it is, its manifest too
+                cache_mod.write_manifest_only(out, manifest)  # files the index does not list may have changed
+            return
         cache_mod.commit(out, index, manifest)
     except BaseException:
         cache_mod.discard_uncommitted(out, written)
         raise
 
 
-def _manifest(src: Path, out: Path, settings: DecodeSettings, records: list[FileRecord]) -> dict:
+def _manifest(src: Path, out: Path, settings: DecodeSettings, records: list[FileRecord], info=None) -> dict:
     """The manifest: one row per file, and the counts per status. Every string is valid Unicode (`shown`);
-    a name that is not UTF-8 also gets `path_bytes`, its exact bytes in hex."""
+    a name that is not UTF-8 also gets `path_bytes`, its exact bytes in hex. With labels (`info`), each row
+    gets `label` (its class or null) or `tags` (all its tags, rare ones too); null for a skipped file."""
     rows = []
     for r in records:
         row = {"path": shown(r.path), "sha256": r.sha256, "status": "used" if r.reason is None else "skipped",
                "reason": r.reason, "detail": shown(r.detail), "index": r.index,
                "duplicate_of": None if r.duplicate_of is None else shown(r.duplicate_of)}
+        if info is not None:
+            row[info.key] = info.values.get(r.path)
         if row["path"] != r.path:
             row["path_bytes"] = os.fsencode(r.path).hex()
         rows.append(row)
@@ -435,8 +458,8 @@ def _manifest(src: Path, out: Path, settings: DecodeSettings, records: list[File
             "settings": cache_mod.settings_dict(settings), "counts": dict(sorted(counts.items())), "files": rows}
 
 
-REASON_ORDER = ("used", DUPLICATE, NEAR_DUPLICATE, "too-small", "not-an-image", "empty", "truncated-or-corrupt",
-                "decompression-bomb", UNREADABLE, SYMLINK_LOOP, BROKEN_LINK, NOT_A_FILE)
+REASON_ORDER = ("used", labels_mod.CAPTION, DUPLICATE, NEAR_DUPLICATE, "too-small", "not-an-image", "empty",
+                "truncated-or-corrupt", "decompression-bomb", UNREADABLE, SYMLINK_LOOP, BROKEN_LINK, NOT_A_FILE)
 FACE_NOTES = {"found": "centred on the largest face", "none": "with no face found, centre-cropped instead",
               "no-opencv": "centre-cropped instead: OpenCV not installed (pip install ddpm_tf[face])"}
 
@@ -462,4 +485,6 @@ def summary(result: Prepared, examples: int = 3, width: int = 110) -> str:
     for note, n in sorted(result.faces.items()):
         lines.append(f"  face crop: {n} images {FACE_NOTES.get(note, note)}")
     lines.append(f"  manifest: {shown(str(result.manifest))}")
+    if result.label_info is not None:
+        lines += labels_mod.report(result.label_info)  # the balance table
     return "\n".join(lines)
