@@ -211,17 +211,19 @@ def export_ema(run: RunDir, ema_net, step: int, meta: dict) -> None:
 class Preview(keras.callbacks.Callback):
     """Every N epochs: a grid from the EMA weights with fixed seeds, so the user watches the same faces form."""
 
-    def __init__(self, run: RunDir, state: RunState, sampler, seeds, image_shape, every: int, writer=None):
+    def __init__(self, run: RunDir, state: RunState, sampler, seeds, image_shape, every: int, writer=None,
+                 labels=None, cols: int | None = None):
         super().__init__()
         self.run, self.state, self.sampler, self.seeds = run, state, sampler, seeds
         self.image_shape, self.every, self.writer = image_shape, every, writer
+        self.labels, self.cols = labels, cols  # a run with labels: one row of the grid per class or tag
 
     def on_epoch_end(self, epoch, logs=None):
         completed = self.state.due(epoch, self.every)
         if completed is None:
             return
         step = int(self.model.optimizer.iterations.numpy())
-        grid = make_grid(to_uint8(self.sampler(self.seeds, self.image_shape)))
+        grid = make_grid(to_uint8(self.sampler(self.seeds, self.image_shape, labels=self.labels)), cols=self.cols)
         path = save_png(self.run.previews / f"preview-epoch{completed:05d}-step{step:08d}.png", grid,
                         {"ddpm_tf:step": step, "ddpm_tf:epoch": completed})
         atomic_write_bytes(self.run.previews / "latest.png", path.read_bytes())

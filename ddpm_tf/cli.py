@@ -149,6 +149,20 @@ def _sample_options(fn):
     return fn
 
 
+def _label_options(fn):
+    """--class, --tags and --guidance: what to draw from a run trained with labels (data.labels)."""
+    fn = click.option("--guidance", type=FiniteFloat(0.0, 100.0), default=None, metavar="W",
+                      help="Classifier-free guidance: uncond + W (cond - uncond); 1 plain conditional, 0 "
+                           "unconditional, higher more typical of the class. [default: sample.guidance]")(fn)
+    fn = click.option("--tags", "tags", multiple=True, metavar='"TAG, TAG"',
+                      help="Draw images with these caption tags (a run with data.labels: tags); repeatable, "
+                           "one grid row each.")(fn)
+    fn = click.option("--class", "classes", multiple=True, metavar="NAME|all",
+                      help="Draw this class (a run with data.labels: folders); repeatable, one grid row each; "
+                           "`all`: one row per class.")(fn)
+    return fn
+
+
 def _parse_seeds(text: str | None):
     if text is None:
         return None
@@ -168,8 +182,11 @@ Examples:
   ddpm sample --sampler dpmpp_2m --steps 20 --n 64  # the same kind of faces in 50x fewer steps
   ddpm sample --run runs/demo --n 16 --seed 7 --out faces.png
   ddpm sample --seeds 17,42 --sampler ddpm        # regenerate two images (seeds from their PNG metadata)
-  ddpm sample --run runs/demo --checkpoint 3125   # the weights exported at step 3125""")
+  ddpm sample --run runs/demo --checkpoint 3125   # the weights exported at step 3125
+  ddpm sample --run runs/demo-people --class s7 --guidance 3   # person 7 (a run trained with labels)
+  ddpm sample --run runs/demo-people --class all --n 4         # one row of 4 per class""")
 @_sample_options
+@_label_options
 @click.option("--n", type=click.IntRange(1, 100000), default=None, help="Images to generate. [default: sample.n]")
 @click.option("--seed", type=click.IntRange(0, SEED_MAX), default=None,
               help="Image i uses seed + i, whatever the batch size. [default: sample.seed]")
@@ -189,11 +206,13 @@ Examples:
 @click.option("--stall-timeout", type=FiniteFloat(0.0, 604800.0), default=None, metavar="SECONDS",
               help="Warn with every thread's stack when no sampler step finishes for this long (0: off). "
                    "[default: the run's run.stall_timeout]")
-def sample(run_dir, runs_root, out, overwrite, checkpoint, n, seed, seeds_text, batch_size, sampler, steps, eta,
-           spacing, stall_timeout):
+def sample(run_dir, runs_root, out, overwrite, checkpoint, classes, tags, guidance, n, seed, seeds_text,
+           batch_size, sampler, steps, eta, spacing, stall_timeout):
     """Generate images with a trained run's EMA weights: a near-square grid and one PNG per image.
 
-    Each PNG records its run, step, sampler, steps and seed in PNG text metadata.
+    Each PNG records its run, step, sampler, steps and seed (and class or tags, and guidance) in PNG text
+    metadata: the same options with --seeds regenerate it exactly. With --class or --tags, --n is the images
+    per grid row.
     """
     seeds = _parse_seeds(seeds_text)
     if seeds is None and seed is not None and n is not None:
@@ -203,7 +222,8 @@ def sample(run_dir, runs_root, out, overwrite, checkpoint, n, seed, seeds_text, 
 
     grid = _user_errors(run_sample, run_dir, runs_root=runs_root, n=n, seed=seed, seeds=seeds,
                         batch_size=batch_size, out=out, overwrite=overwrite, checkpoint=checkpoint, sampler=sampler,
-                        steps=steps, eta=eta, spacing=spacing, stall_timeout=stall_timeout, echo=click.echo,
+                        steps=steps, eta=eta, spacing=spacing, classes=classes, tags=tags, guidance=guidance,
+                        stall_timeout=stall_timeout, echo=click.echo,
                         progress_factory=_progress)
     click.echo(str(grid))
 
@@ -257,11 +277,12 @@ Examples:
   ddpm interpolate --seeds 3 17 --frames 16
   ddpm interpolate --run runs/demo --seeds 0 1 --frames 8 --steps 100 --out morph.png""")
 @_sample_options
+@_label_options
 @click.option("--seeds", type=click.IntRange(0, SEED_MAX), nargs=2, required=True, metavar="A B",
               help="The two seeds to morph between.")
 @click.option("--frames", type=click.IntRange(2, 256), default=16, help="Frames, both ends included.")
 @click.option("--steps", type=click.IntRange(1), default=None, help="DDIM steps. [default: sample.steps or 50]")
-def interpolate(run_dir, runs_root, out, overwrite, checkpoint, seeds, frames, steps):
+def interpolate(run_dir, runs_root, out, overwrite, checkpoint, classes, tags, guidance, seeds, frames, steps):
     """Morph between two seeds: spherical interpolation of their initial noise, DDIM with eta 0.
 
     Writes a strip PNG and an animated GIF beside it.
@@ -270,7 +291,8 @@ def interpolate(run_dir, runs_root, out, overwrite, checkpoint, seeds, frames, s
     from .sample import interpolate as run_interpolate
 
     path = _user_errors(run_interpolate, run_dir, seeds[0], seeds[1], frames=frames, steps=steps,
-                        runs_root=runs_root, out=out, overwrite=overwrite, checkpoint=checkpoint, echo=click.echo)
+                        runs_root=runs_root, out=out, overwrite=overwrite, checkpoint=checkpoint, classes=classes,
+                        tags=tags, guidance=guidance, echo=click.echo)
     click.echo(str(path))
 
 
@@ -280,12 +302,13 @@ Examples:
   ddpm img2img sketch.png --strength 0.8 --seed 3 --run runs/demo --out dreamed.png""")
 @click.argument("image", type=click.Path(path_type=Path, dir_okay=False, exists=True))
 @_sample_options
+@_label_options
 @click.option("--strength", type=FiniteFloat(0.0, 1.0), default=0.5,
               help="How far to noise the image: 0 keeps it, 1 starts from (almost) pure noise.")
 @click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, help="Seed of the added noise.")
 @click.option("--steps", type=click.IntRange(1), default=None,
               help="DDIM steps for the whole range (strength 0.5 runs about half). [default: sample.steps or 50]")
-def img2img(image, run_dir, runs_root, out, overwrite, checkpoint, strength, seed, steps):
+def img2img(image, run_dir, runs_root, out, overwrite, checkpoint, classes, tags, guidance, strength, seed, steps):
     """SDEdit: noise IMAGE to the level matching --strength and denoise it with the run's model.
 
     The image is prepared like training data (orientation, colour mode, data.crop, resize). Writes the
@@ -295,7 +318,8 @@ def img2img(image, run_dir, runs_root, out, overwrite, checkpoint, strength, see
     from .sample import img2img as run_img2img
 
     path = _user_errors(run_img2img, run_dir, image, strength=strength, seed=seed, steps=steps,
-                        runs_root=runs_root, out=out, overwrite=overwrite, checkpoint=checkpoint, echo=click.echo)
+                        runs_root=runs_root, out=out, overwrite=overwrite, checkpoint=checkpoint, classes=classes,
+                        tags=tags, guidance=guidance, echo=click.echo)
     click.echo(str(path))
 
 

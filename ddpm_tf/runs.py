@@ -2,6 +2,7 @@
 
     RUN/.ddpm_tf_run             the marker that says "a run of ddpm_tf" (written when the run is created)
     RUN/config.yaml              the resolved config: all `ddpm sample` needs
+    RUN/labels.json              a run with labels: its classes or tag vocabulary (also in every export)
     RUN/checkpoints/             tf.train.CheckpointManager: network, EMA, optimizer, counters, RNG
     RUN/checkpoints/written_by.yaml  the TensorFlow and Keras versions that wrote them
     RUN/exports/ema-STEP.npz     EMA weights keyed by 'layer/weight', readable on Keras 2 and 3
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import re
 import socket
@@ -58,6 +60,7 @@ class RunDir:
         self.path = Path(path)
         self.marker = self.path / MARKER_NAME
         self.config_path = self.path / "config.yaml"
+        self.labels_path = self.path / "labels.json"
         self.lock_path = self.path / ".lock"
         self.checkpoints = self.path / "checkpoints"
         self.written_by = self.checkpoints / "written_by.yaml"
@@ -73,7 +76,7 @@ class RunDir:
     def owned_names(self) -> dict[Path, re.Pattern]:
         """{folder: pattern of the file names this tool writes there}; `samples/` is the user's and absent."""
         return {
-            self.path: re.compile(r"^(config\.yaml|(metrics|eval)\.csv(\.damaged)?)$"),
+            self.path: re.compile(r"^(config\.yaml|labels\.json|(metrics|eval)\.csv(\.damaged)?)$"),
             self.checkpoints: re.compile(r"^(checkpoint|written_by\.yaml|ckpt-\d+\.(index|data-\d+-of-\d+))$"),
             self.exports: EXPORT_RE,
             self.previews: re.compile(r"^(latest\.png|preview-epoch\d+-step\d+\.png)$"),
@@ -192,6 +195,26 @@ class RunDir:
             raise RunError(f"{self.path}: not a run directory (no config.yaml); train one with `ddpm train`")
         return config_mod.load_config(self.config_path)
 
+    def save_labels(self, label_set) -> None:
+        """Write the run's label set (None: a run without labels, which has no labels.json)."""
+        if label_set is None:
+            self.labels_path.unlink(missing_ok=True)
+            return
+        atomic_write_bytes(self.labels_path, json.dumps(label_set.to_dict(), indent=1).encode("utf-8"))
+
+    def load_labels(self):
+        """The run's LabelSet, or None for a run without labels."""
+        from .data.labels import LabelSet
+        from .errors import LabelError
+
+        if not self.labels_path.is_file():
+            return None
+        try:
+            return LabelSet.from_dict(json.loads(self.labels_path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, LabelError) as exc:
+            raise RunError(f"{self.labels_path}: damaged ({type(exc).__name__}: {str(exc)[:120]}); it holds the "
+                           "run's classes or tags, which every export also records") from None
+
     def export_paths(self) -> dict[int, Path]:
         """{step: path} of the EMA exports, any order."""
         if not self.exports.is_dir():
@@ -258,18 +281,38 @@ def save_weights(model, path: Path, meta: dict) -> None:
     atomic_write_bytes(Path(path), buf.getvalue())
 
 
-def load_weights(model, path: Path) -> dict:
-    """Load an .npz export into `model`, checking every name and shape; returns its meta dict."""
-    from .compat import variable_key
-
+def _read_export(path: Path, weights: bool = True) -> tuple[dict, dict]:
+    """(arrays, meta) of an .npz export (arrays empty unless `weights`); RunError when it cannot be read."""
     try:
         with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
+            arrays = {k: data[k] for k in data.files if weights or k == "__meta__"}
         meta = yaml.safe_load(arrays.pop("__meta__", np.zeros(0, np.uint8)).tobytes().decode("utf-8")) or {}
     # A truncated or damaged .npz fails in the zip reader, in zlib or in the array header.
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, yaml.YAMLError) as exc:
         raise RunError(f"{path}: not a readable weights export, truncated or damaged "
                        f"({type(exc).__name__}: {str(exc)[:120]})") from None
+    return arrays, meta
+
+
+def export_labels(path: Path):
+    """The LabelSet an export records (None: a network without labels), read without loading the weights."""
+    from .data.labels import LabelSet
+    from .errors import LabelError
+
+    _, meta = _read_export(path, weights=False)
+    if not meta.get("labels"):
+        return None
+    try:
+        return LabelSet.from_dict(meta["labels"])
+    except LabelError as exc:
+        raise RunError(f"{path}: its labels are damaged ({exc})") from None
+
+
+def load_weights(model, path: Path) -> dict:
+    """Load an .npz export into `model`, checking every name and shape; returns its meta dict."""
+    from .compat import variable_key
+
+    arrays, meta = _read_export(path)
     for v in model.weights:
         key = variable_key(v)
         if key not in arrays:
@@ -297,25 +340,28 @@ def find_latest_run(root: Path) -> Path:
 
 
 def load_run(run_dir: Path | None, runs_root: Path, checkpoint: int | None = None):
-    """(RunDir, config, EMA network, step) of a run; the newest run under `runs_root` by default.
+    """(RunDir, config, EMA network, step, label set or None) of a run; the newest run under `runs_root` by
+    default.
 
-    The network is built in the precision the run trained in, with the weights exported at `checkpoint`
-    (the newest export by default)."""
+    The network is built in the precision the run trained in, with the labels its export records (a run
+    with labels: its classes or tags), and the weights exported at `checkpoint` (the newest by default)."""
     from .precision import apply_policy
     from .unet import build_unet
 
     run = RunDir(run_dir if run_dir is not None else find_latest_run(runs_root))
     cfg = run.load_config()
     step, export = run.latest_export(checkpoint)
+    label_set = export_labels(export)
     apply_policy(cfg.train.precision)
-    net = build_unet(cfg.model, cfg.data.image_size, cfg.data.channels, name="ema_unet")
+    net = build_unet(cfg.model, cfg.data.image_size, cfg.data.channels, name="ema_unet",
+                     num_labels=len(label_set) if label_set else 0)
     try:
         load_weights(net, export)
     except RunError as exc:
         others = sorted(s for s in run.export_paths() if s != step)
         hint = f"; this run's other exports: --checkpoint {', '.join(map(str, others))}" if others else ""
         raise RunError(f"{exc}{hint}") from None
-    return run, cfg, net, step
+    return run, cfg, net, step, label_set
 
 
 def pid_alive(pid: int) -> bool:

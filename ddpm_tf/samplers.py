@@ -379,6 +379,28 @@ def sampler_from_config(net, cfg, name: str | None = None, steps: int | None = N
         raise RunError(f"sampler: {exc}") from None
 
 
+def seeds_by_condition(seeds, vectors) -> tuple[np.ndarray, np.ndarray]:
+    """Every seed under every condition, condition after condition: (R * N,) seeds and (R * N, K) label rows
+    for R label vectors (R, K) and N seeds, so a grid with N columns has one row per condition."""
+    seeds, vectors = np.asarray(seeds, np.int64), np.asarray(vectors, np.float32)
+    return np.tile(seeds, len(vectors)), np.repeat(vectors, len(seeds), axis=0)
+
+
+def preview_grid(label_set, first_seed: int, n: int):
+    """(seeds, label rows or None, columns or None) of a preview of about `n` images: without labels n seeds
+    in a near-square grid; with labels one row per label, the same seeds in every row. A run with more labels
+    than fit gets an even spread of them (classes) or the most frequent (tags): about sqrt(n) rows."""
+    if not label_set:
+        return first_seed + np.arange(n), None, None
+    k = len(label_set)
+    rows = min(k, max(1, int(np.ceil(np.sqrt(n)))))
+    picked = np.unique(np.round(np.linspace(0, k - 1, rows)).astype(int)) if label_set.mode == "folders" \
+        else np.arange(rows)
+    cols = max(1, n // len(picked))
+    seeds, labels = seeds_by_condition(first_seed + np.arange(cols), np.eye(k, dtype=np.float32)[picked])
+    return seeds, labels, cols
+
+
 def sample_seeds(sampler, seeds, image_shape, batch_size: int, progress_factory=None, echo=print,
                  desc: str | None = None, beat=None, labels=None) -> np.ndarray:
     """uint8 images, one per seed (conditioned on the matching row of `labels`, (N, K), when given), in batches,

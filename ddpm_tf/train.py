@@ -30,7 +30,7 @@ from .diffusion import build_diffusion_model
 from .errors import ConfigError, Interrupted, RunError
 from .images import atomic_write_bytes
 from .runs import RunDir, RunLock
-from .samplers import sampler_from_config
+from .samplers import preview_grid, sampler_from_config
 from .watchdog import Watchdog
 
 # Keys whose change makes an old checkpoint meaningless for a new config.
@@ -47,6 +47,27 @@ def _check_resume_compatible(saved, cfg, run: RunDir) -> None:
                 raise ConfigError(
                     f"{run.config_path}: {section}.{k} was {old[section].get(k)!r} in this run, the new config "
                     f"says {new[section][k]!r}; pass --restart to start the run over, or set run.dir to a new folder")
+
+
+def _check_same_labels(run: RunDir, label_set) -> None:
+    """Refuse to resume a run whose classes or tag vocabulary changed: they are inputs of its network."""
+    saved = run.load_labels()
+    if saved == label_set:
+        return
+
+    def describe(ls):
+        return "no labels" if ls is None else f"{len(ls)} {'classes' if ls.mode == 'folders' else 'tags'}"
+
+    change = describe(saved) + " -> " + describe(label_set)
+    if saved is not None and label_set is not None and saved.mode == label_set.mode:
+        added = [n for n in label_set.names if n not in saved.names]
+        gone = [n for n in saved.names if n not in label_set.names]
+        change += "".join(f"; {what}: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}"
+                          for what, names in (("new", added), ("missing", gone)) if names)
+        if not added and not gone:
+            change += "; the same names in another order"
+    raise ConfigError(f"{run.labels_path}: this run's labels changed ({change}), and they are inputs of its network; "
+                      "pass --restart to start the run over, or set run.dir to a new folder")
 
 
 def _check_written_by(run: RunDir, log) -> None:
@@ -169,9 +190,13 @@ def train(cfg, *, restart: bool = False, echo=print, progress_factory=None, log=
 
 def _train_locked(cfg, run: RunDir, restart, echo, progress_factory, log) -> RunDir:
     _open_run_dir(cfg, run, restart, echo, log)
-    images, state = _load_data(cfg, echo)
-    model, manager, meta = _build_and_restore(cfg, run, state, echo, log)
+    images, labels, state = _load_data(cfg, echo)
+    label_set = labels.label_set if labels is not None else None
+    if run.checkpoint_prefixes():
+        _check_same_labels(run, label_set)
+    model, manager, meta = _build_and_restore(cfg, run, state, label_set, echo, log)
     run.save_config(cfg)
+    run.save_labels(label_set)
     atomic_write_bytes(run.written_by, yaml.safe_dump(
         {"tf": compat.TF_VERSION, "keras": compat.KERAS_VERSION}).encode("utf-8"))
     epoch, batch = state.position()
@@ -182,9 +207,10 @@ def _train_locked(cfg, run: RunDir, restart, echo, progress_factory, log) -> Run
         if progress_factory else _NullBar()
     writer = tf.summary.create_file_writer(str(run.tensorboard)) if cfg.run.tensorboard else None
     try:
-        callbacks, watchdog = _callbacks(cfg, run, model, manager, meta, images, state, bar, writer, echo, log)
+        callbacks, watchdog = _callbacks(cfg, run, model, manager, meta, images, label_set, state, bar, writer,
+                                         echo, log)
         with _stop_on_signals(state, echo), watchdog:
-            _fit(cfg, model, images, state, callbacks)
+            _fit(cfg, model, images, labels, state, callbacks)
     finally:
         bar.close()
         if writer is not None:
@@ -205,21 +231,26 @@ def _open_run_dir(cfg, run: RunDir, restart: bool, echo, log) -> None:
 
 
 def _load_data(cfg, echo):
-    """The prepare step of `ddpm prepare` (cheap when the cache is fresh), then (images, RunState)."""
+    """The prepare step of `ddpm prepare` (cheap when the cache is fresh), then (images, labels or None,
+    RunState)."""
     prepared = prepare(cfg.data, echo=echo, only_changes=True)
-    images = prepared.images(cfg.data.memory_mb)
+    images, labels = prepared.images(cfg.data.memory_mb), prepared.labels
     state = RunState(len(images), cfg.train.batch_size, cfg.train.precision)
     echo(f"data: {len(images)} images from {cfg.data.dir} ({len(prepared.files) - len(images)} skipped, "
          f"{'memory-mapped' if not isinstance(images, np.ndarray) else 'in memory'}), "
          f"{state.steps_per_epoch} steps per epoch at batch {cfg.train.batch_size}")
-    return images, state
+    if labels is not None:
+        ls = labels.label_set
+        echo(f"labels: {len(ls)} {'classes' if ls.mode == 'folders' else 'tags'} ({cfg.data.labels}), "
+             f"{labels.unlabelled()} unlabelled images, label dropout {cfg.train.label_dropout:g} for guidance")
+    return images, labels, state
 
 
-def _build_and_restore(cfg, run: RunDir, state: RunState, echo, log):
+def _build_and_restore(cfg, run: RunDir, state: RunState, label_set, echo, log):
     """The networks and optimizer, restored from the newest checkpoint that loads: (model, manager, meta)."""
     if cfg.train.deterministic:
         tf.config.experimental.enable_op_determinism()
-    model, xla = build_diffusion_model(cfg, seed=cfg.train.seed)
+    model, xla = build_diffusion_model(cfg, seed=cfg.train.seed, num_labels=len(label_set) if label_set else 0)
     net, optimizer = model.net, model.optimizer
     compat.build_optimizer(optimizer, net.trainable_variables)
     echo(f"model: {net.count_params():,} parameters, TensorFlow {compat.TF_VERSION} "
@@ -227,7 +258,8 @@ def _build_and_restore(cfg, run: RunDir, state: RunState, echo, log):
     ckpt = tf.train.Checkpoint(net=net, ema=model.ema_net, optimizer=optimizer, rng=model.rng,
                                ema_updates=model.ema_updates, epoch=state.epoch, batch_in_epoch=state.batch)
     manager = _checkpoint_manager(ckpt, run, cfg.run.keep_last, log)
-    meta = {"config": to_dict(cfg), "tf": compat.TF_VERSION, "keras": compat.KERAS_VERSION}
+    meta = {"config": to_dict(cfg), "tf": compat.TF_VERSION, "keras": compat.KERAS_VERSION,
+            "labels": label_set.to_dict() if label_set else None}
     restored, skipped = _restore_newest_loadable(ckpt, _checkpoint_candidates(run, manager), run, log)
     if restored:
         step = int(optimizer.iterations.numpy())
@@ -237,19 +269,20 @@ def _build_and_restore(cfg, run: RunDir, state: RunState, echo, log):
     return model, manager, meta
 
 
-def _callbacks(cfg, run: RunDir, model, manager, meta, images, state: RunState, bar, writer, echo, log):
+def _callbacks(cfg, run: RunDir, model, manager, meta, images, label_set, state: RunState, bar, writer, echo, log):
     """The periodic work of the fit, and the stall watchdog its first callback beats after every step."""
     ema_net, size, channels = model.ema_net, cfg.data.image_size, cfg.data.channels
     progress = Progress(state, bar)
     # DDIM with eta 1 (stochastic): clean previews in 50 steps even early in training, where the
     # deterministic eta 0 shows grainy textures.
     preview_sampler = sampler_from_config(ema_net, cfg, "ddim", 50, eta=1.0, spacing="linspace")
-    preview_seeds = cfg.run.preview_seed + np.arange(cfg.run.preview_n)
+    # With labels, one row per class (or tag): the same seeds in every row, so rows differ by label only.
+    preview_seeds, preview_labels, cols = preview_grid(label_set, cfg.run.preview_seed, cfg.run.preview_n)
     watchdog = Watchdog(cfg.run.stall_timeout, "train", "step", start=int(model.optimizer.iterations.numpy()))
     callbacks = [Heartbeat(watchdog), StateTracker(state), progress, Logger(run, state, progress, writer, cfg.train),
                  Checkpointer(run, manager, state, cfg.run.checkpoint_every, cfg.run.keep_last, ema_net, meta),
                  Preview(run, state, preview_sampler, preview_seeds, (size, size, channels),
-                         cfg.run.preview_every, writer)]
+                         cfg.run.preview_every, writer, labels=preview_labels, cols=cols)]
     if cfg.train.eval_every:
         from .evaluation.command import TrainingEval
 
@@ -259,16 +292,18 @@ def _callbacks(cfg, run: RunDir, model, manager, meta, images, state: RunState, 
     return callbacks, watchdog
 
 
-def _fit(cfg, model, images, state: RunState, callbacks) -> None:
+def _fit(cfg, model, images, labels, state: RunState, callbacks) -> None:
     """A partial epoch first when resuming mid-epoch, then whole epochs (data order: seed and epoch)."""
     epoch, batch = state.position()
+    matrix = labels.matrix if labels is not None else None
     if batch:
-        ds = make_dataset(images, cfg.train.batch_size, cfg.train.seed, epoch, cfg.data.flip, skip=batch)
+        ds = make_dataset(images, cfg.train.batch_size, cfg.train.seed, epoch, cfg.data.flip, skip=batch,
+                          labels=matrix)
         model.fit(ds, epochs=epoch + 1, initial_epoch=epoch, steps_per_epoch=state.steps_per_epoch - batch,
                   callbacks=callbacks, verbose=0, shuffle=False)
     epoch, batch = state.position()
     if not batch and epoch < cfg.train.epochs and not (state.interrupt or state.nonfinite_step):
-        ds = make_dataset(images, cfg.train.batch_size, cfg.train.seed, epoch, cfg.data.flip)
+        ds = make_dataset(images, cfg.train.batch_size, cfg.train.seed, epoch, cfg.data.flip, labels=matrix)
         model.fit(ds, epochs=cfg.train.epochs, initial_epoch=epoch, steps_per_epoch=state.steps_per_epoch,
                   callbacks=callbacks, verbose=0, shuffle=False)
 
@@ -286,8 +321,10 @@ def _finish(run: RunDir, model, manager, state: RunState, echo) -> RunDir:
         echo(f"stopped by {state.interrupt} at step {step}; saved {manager.latest_checkpoint}. "
              f"Resume with the same command: ddpm train --config ... (run.dir {run.path})")
         raise Interrupted(state.interrupt)
-    echo(f"done: {run.path} at epoch {state.position()[0]}, step {step}; "
-         f"sample with `ddpm sample --run {run.path} --n 64`")
+    label_set = run.load_labels()
+    how = {None: "--n 64", "folders": "--class all --n 8", "tags": '--tags "TAG, TAG"'}[
+        label_set.mode if label_set else None]
+    echo(f"done: {run.path} at epoch {state.position()[0]}, step {step}; sample with `ddpm sample --run {run.path} {how}`")
     return run
 
 

@@ -32,7 +32,7 @@ def main() -> None:
     from ddpm_tf.runs import load_run
     from ddpm_tf.samplers import sampler_from_config
 
-    run, cfg, net, step = load_run(args.run, args.run.parent)
+    run, cfg, net, step, _ = load_run(args.run, args.run.parent)
     shape = (cfg.data.image_size, cfg.data.image_size, cfg.data.channels)
     seeds = np.arange(args.n)
     rows = []

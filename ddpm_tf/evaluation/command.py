@@ -71,7 +71,7 @@ def run_eval(run_dir: Path | None = None, *, runs_root: Path = Path("runs"), che
 
     `overrides` ("eval.key=value") change the run's eval section for this evaluation only.
     """
-    run, cfg, net, step = load_run(run_dir, runs_root, checkpoint)
+    run, cfg, net, step, label_set = load_run(run_dir, runs_root, checkpoint)
     cfg = with_eval_overrides(cfg, overrides)
     if images is None:  # before the feature network loads: a bad --seed fails fast
         check_seed_range(cfg.eval.seed if seed is None else seed, n or cfg.eval.n,
