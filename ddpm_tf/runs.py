@@ -351,11 +351,11 @@ def load_run(run_dir: Path | None, runs_root: Path, checkpoint: int | None = Non
     run = RunDir(run_dir if run_dir is not None else find_latest_run(runs_root))
     cfg = run.load_config()
     step, export = run.latest_export(checkpoint)
-    label_set = export_labels(export)
     apply_policy(cfg.train.precision)
-    net = build_unet(cfg.model, cfg.data.image_size, cfg.data.channels, name="ema_unet",
-                     num_labels=len(label_set) if label_set else 0)
     try:
+        label_set = export_labels(export)
+        net = build_unet(cfg.model, cfg.data.image_size, cfg.data.channels, name="ema_unet",
+                         num_labels=len(label_set) if label_set else 0)
         load_weights(net, export)
     except RunError as exc:
         others = sorted(s for s in run.export_paths() if s != step)
