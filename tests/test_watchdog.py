@@ -145,12 +145,14 @@ def test_stall_timeout_config_key():
 
 
 def test_sample_seeds_beats_after_every_chunk():
-    from ddpm_tf.samplers import sample_seeds
+    from ddpm_tf.samplers import Sampler, sample_seeds
 
     class FakeSampler:
-        num_steps = 10
+        num_steps, num_labels = 10, 0
+        label_rows = Sampler.label_rows  # the real label check: an unconditional sampler gets (B, 0) rows
 
-        def __call__(self, seeds, image_shape, progress=None):
+        def __call__(self, seeds, image_shape, progress=None, labels=None):
+            assert labels.shape == (len(seeds), 0)
             for _ in range(2):
                 progress(5)
             return np.zeros((len(seeds), *image_shape), np.float32)
