@@ -164,16 +164,13 @@ def _label_options(fn):
 
 
 def _parse_seeds(text: str | None):
-    if text is None:
-        return None
+    from .errors import ConfigError
+    from .seeds import parse_seeds
+
     try:
-        seeds = [int(s) for s in text.replace(" ", "").split(",") if s]
-    except ValueError:
-        raise click.BadParameter(f"{text!r}: expected comma-separated integers, e.g. 17,42") from None
-    if not seeds or any(not 0 <= s <= SEED_MAX for s in seeds):
-        shown = text if len(text) <= 80 else text[:77] + "..."
-        raise click.BadParameter(f"{shown!r}: expected seeds in 0..{SEED_MAX}")
-    return seeds
+        return parse_seeds(text)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 @main.command(epilog="""\b

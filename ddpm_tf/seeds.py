@@ -29,3 +29,20 @@ def check_seed_range(first: int, n: int, first_name: str, n_name: str) -> None:
             return f"{name} {value}" if name.startswith("--") else f"{name} = {value}"
 
         raise ConfigError(f"{named(first_name, first)} with {named(n_name, n)} {problem}")
+
+
+def parse_seeds(text: str | None) -> list[int] | None:
+    """'17, 42' -> [17, 42] (None for None); a ConfigError for anything but integers in 0..SEED_MAX. The one
+    parser of a seed list, for `ddpm sample --seeds` and the web page's seed box."""
+    if text is None:
+        return None
+    from .errors import ConfigError
+
+    try:
+        seeds = [int(s) for s in text.replace(" ", "").split(",") if s]
+    except ValueError:
+        raise ConfigError(f"{text[:80]!r}: expected comma-separated integers, e.g. 17,42") from None
+    if not seeds or any(not 0 <= s <= SEED_MAX for s in seeds):
+        shown = text if len(text) <= 80 else text[:77] + "..."
+        raise ConfigError(f"{shown!r}: expected seeds in 0..{SEED_MAX}")
+    return seeds
