@@ -1,7 +1,9 @@
-"""Keras callbacks for the periodic work of a run: state, progress, logs, checkpoints + exports, previews."""
+"""Keras callbacks for the periodic work of a run: state, progress (a bar and progress.json), logs, checkpoints +
+exports, previews."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -119,6 +121,46 @@ class Progress(keras.callbacks.Callback):
             self.images_per_s = self._seen / elapsed if elapsed > 0 else 0.0
         self.bar.set_postfix(loss=f"{self.state.last_loss:.4f}", img_s=f"{self.images_per_s:.1f}", refresh=False)
         self.bar.update(1)
+
+
+class ProgressFile(keras.callbacks.Callback):
+    """RUN/progress.json, rewritten at most every `every` seconds and when a fit ends: step, total steps, epoch,
+    loss, images/s, ETA and status (training, done, stopped, failed), so a page that did not start the trainer,
+    or was closed and reopened, shows where it stands."""
+
+    def __init__(self, run: RunDir, state: RunState, progress: Progress, total_steps: int, every: float = 2.0):
+        super().__init__()
+        self.run, self.state, self.progress = run, state, progress
+        self.total_steps, self.every = total_steps, every
+        self._written, self._clock = 0.0, None  # (time, step) after the first step, which traces the graph
+
+    def on_train_batch_end(self, batch, logs=None):
+        now, step = time.monotonic(), int(self.model.optimizer.iterations.numpy())
+        if self._clock is None:
+            self._clock = (now, step)
+        if now - self._written >= self.every:
+            self._write("training", now, step)
+
+    def on_train_end(self, logs=None):
+        step = int(self.model.optimizer.iterations.numpy())
+        status = "stopped" if self.state.interrupt else "failed" if self.state.nonfinite_step is not None \
+            else "done" if step >= self.total_steps else "training"
+        self._write(status, time.monotonic(), step)
+
+    def _write(self, status: str, now: float, step: int) -> None:
+        t0, step0 = self._clock or (now, step)
+        rate = (step - step0) / (now - t0) if now > t0 and step > step0 else None
+        remaining = max(0, self.total_steps - step)
+        body = {"status": status, "pid": os.getpid(), "step": step, "total_steps": self.total_steps,
+                "epoch": int(self.state.epoch.numpy()), "loss": self.state.last_loss if math.isfinite(
+                    self.state.last_loss) else None, "images_per_s": round(self.progress.images_per_s, 2),
+                "eta_seconds": round(remaining / rate, 1) if rate else None,
+                "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        try:
+            atomic_write_bytes(self.run.progress_path, json.dumps(body).encode("utf-8"))
+        except OSError:
+            pass  # a full disk is the checkpointer's to report; this file is only a display
+        self._written = now
 
 
 class Logger(keras.callbacks.Callback):

@@ -10,6 +10,7 @@
     RUN/metrics.csv, RUN/eval.csv, RUN/eval/, RUN/tensorboard/   logs and evaluations
     RUN/samples/                 what `ddpm sample`, `interpolate` and `img2img` write by default
     RUN/.lock                    the pid and host of the trainer
+    RUN/progress.json            the trainer's step, total, loss and ETA, rewritten every few seconds (the web page)
 
 Cleanup is by exact name: `--restart` and the sweep of interrupted writes remove only files whose names
 this tool writes (the patterns below), inside folders that are provably runs, and never `samples/`.
@@ -62,6 +63,7 @@ class RunDir:
         self.config_path = self.path / "config.yaml"
         self.labels_path = self.path / "labels.json"
         self.lock_path = self.path / ".lock"
+        self.progress_path = self.path / "progress.json"
         self.checkpoints = self.path / "checkpoints"
         self.written_by = self.checkpoints / "written_by.yaml"
         self.exports = self.path / "exports"
@@ -76,7 +78,7 @@ class RunDir:
     def owned_names(self) -> dict[Path, re.Pattern]:
         """{folder: pattern of the file names this tool writes there}; `samples/` is the user's and absent."""
         return {
-            self.path: re.compile(r"^(config\.yaml|labels\.json|(metrics|eval)\.csv(\.damaged)?)$"),
+            self.path: re.compile(r"^(config\.yaml|labels\.json|progress\.json|(metrics|eval)\.csv(\.damaged)?)$"),
             self.checkpoints: re.compile(r"^(checkpoint|written_by\.yaml|ckpt-\d+\.(index|data-\d+-of-\d+))$"),
             self.exports: EXPORT_RE,
             self.previews: re.compile(r"^(latest\.png|preview-epoch\d+-step\d+\.png)$"),
@@ -417,6 +419,11 @@ class RunLock:
             return {}
         return owner
 
+    def busy_message(self, owner: dict) -> str:
+        """Why another trainer cannot start while `owner` holds the lock (for `ddpm train` and the web page)."""
+        return (f"{self.run.path} is being trained by process {owner['pid']} on {owner.get('host')} (since "
+                f"{owner.get('since')}); wait for it or stop it. If that process is gone, delete {self.path}")
+
     def live_owner(self) -> dict | None:
         """The owner when a process holds the lock now: alive on this host, or on another host (unknowable)."""
         owner = self.owner()
@@ -435,10 +442,7 @@ class RunLock:
                 if owner is None:
                     continue  # released meanwhile
                 if _holds(owner):
-                    raise RunError(
-                        f"{self.run.path} is being trained by process {owner['pid']} on {owner.get('host')} (since "
-                        f"{owner.get('since')}); wait for it or stop it. If that process is gone, delete "
-                        f"{self.path}") from None
+                    raise RunError(self.busy_message(owner)) from None
                 self.path.unlink(missing_ok=True)
                 note = (f"took over a stale lock of process {owner['pid']} (no longer running)" if owner else
                         f"took over an empty or unreadable lock file {self.path} (no trainer wrote it whole)")

@@ -17,6 +17,7 @@ from .callbacks import (
     Logger,
     Preview,
     Progress,
+    ProgressFile,
     RunState,
     StateTracker,
     TrainingStopped,
@@ -279,7 +280,9 @@ def _callbacks(cfg, run: RunDir, model, manager, meta, images, label_set, state:
     # With labels, one row per class (or tag): the same seeds in every row, so rows differ by label only.
     preview_seeds, preview_labels, cols = preview_grid(label_set, cfg.run.preview_seed, cfg.run.preview_n)
     watchdog = Watchdog(cfg.run.stall_timeout, "train", "step", start=int(model.optimizer.iterations.numpy()))
-    callbacks = [Heartbeat(watchdog), StateTracker(state), progress, Logger(run, state, progress, writer, cfg.train),
+    callbacks = [Heartbeat(watchdog), StateTracker(state), progress,
+                 ProgressFile(run, state, progress, state.steps_per_epoch * cfg.train.epochs),
+                 Logger(run, state, progress, writer, cfg.train),
                  Checkpointer(run, manager, state, cfg.run.checkpoint_every, cfg.run.keep_last, ema_net, meta),
                  Preview(run, state, preview_sampler, preview_seeds, (size, size, channels),
                          cfg.run.preview_every, writer, labels=preview_labels, cols=cols)]
