@@ -37,6 +37,13 @@ class OutputError(UserError, ValueError):
     """An output path that cannot or must not be written; the message names it and what to do."""
 
 
+class PathError(UserError, ValueError):
+    """A path the web page must not read or serve: outside its roots (the runs folder, the configs folder and
+    the data folders of those runs and configs), through `..`, or a symlink out of them; exit 2."""
+
+    exit_code = 2
+
+
 class MetricError(UserError, ValueError):
     """The features cannot give this metric (too few images, mismatched dimensions, NaN)."""
 
