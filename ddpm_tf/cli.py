@@ -344,6 +344,38 @@ def list_runs(runs_root: Path):
 
 @main.command(epilog="""\b
 Examples:
+  ddpm ui                                        # http://127.0.0.1:7860/ over runs/ and configs/
+  ddpm ui --runs /data/experiments --port 8080
+  ddpm ui --listen 0.0.0.0 --auth-file ~/.ddpm-ui-password   # reachable from the network, with a password""")
+@click.option("--runs", "runs_root", type=click.Path(path_type=Path, file_okay=False), default=Path("runs"),
+              help="The runs folder the page lists, reads and writes samples in.")
+@click.option("--configs", "configs_root", type=click.Path(path_type=Path, file_okay=False), default=Path("configs"),
+              help="The configs the Train and Data tabs offer.")
+@click.option("--port", type=click.IntRange(1, 65535), default=7860, help="TCP port.")
+@click.option("--listen", metavar="HOST", default=None,
+              help="Listen on this address instead of 127.0.0.1 (needs --auth or --auth-file).")
+@click.option("--auth", metavar="USER:PASSWORD", default=None, help="Ask for this user and password.")
+@click.option("--auth-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="A file whose first line is USER:PASSWORD.")
+def ui(runs_root, configs_root, port, listen, auth, auth_file):
+    """A local web page: generate, img2img and interpolate, browse runs, train, prepare data.
+
+    Needs the ui extra (pip install -e ".[ui]"). Works offline. The page reads and serves only files under
+    the runs folder, the configs folder and the data folders of those runs and configs.
+    """
+    from .ui.access import access
+
+    host, credentials = _user_errors(access, listen, auth, auth_file)
+    _quiet_tensorflow()
+    try:
+        from .ui.app import serve
+    except ImportError as exc:
+        raise click.ClickException(f"ddpm ui needs Gradio ({exc.name or exc}): pip install -e \".[ui]\"") from None
+    _user_errors(serve, runs_root, configs_root, host=host, port=port, auth=credentials, echo=click.echo)
+
+
+@main.command(epilog="""\b
+Examples:
   ddpm bench                                     # configs/bench32.yaml, float32
   ddpm bench --precision mixed_bfloat16 --jit-compile false
   ddpm bench --config configs/portrait64.yaml --batch-size 64""")
