@@ -301,7 +301,7 @@ def build(roots: Roots) -> gr.Blocks:
 
 
 # Gradio's page template names a script on cdnjs and preconnects to Google Fonts; offline, neither may load.
-_EXTERNAL = re.compile(rb'<link rel="preconnect"[^>]*>|<script[^>]*src="https://[^"]*"[^>]*>\s*</script>', re.S)
+_EXTERNAL = re.compile(rb'<link\s[^>]*rel="preconnect"[^>]*>|<script[^>]*src="https://[^"]*"[^>]*>\s*</script>', re.S)
 
 
 class Offline:
