@@ -54,3 +54,32 @@ def tiny_project(tmp_path):
     run_dir = tmp_path / "runs" / "tiny"
     cfg = write_config(tmp_path / "tiny.yaml", {"run": {"dir": str(run_dir)}, "data": {"dir": str(images)}})
     return cfg, run_dir
+
+
+def class_images(folder: Path, value: int, count: int = 4, seed: int = 0) -> None:
+    """`count` distinct noisy 20x20 RGB images around grey level `value` in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        img = np.clip(value + rng.normal(0, 25, (20, 20, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(folder / f"{i}.png")
+
+
+def ui_project(root: Path, epochs: int = 2) -> dict:
+    """The folders of `ddpm ui` tests under `root`: images in two class folders (bright, dark), a tiny config
+    in configs/ (data.max_pixels 1000: a 64x64 upload is a decompression bomb to it), and runs/tiny trained
+    for `epochs` epochs of 2 steps (a preview and a metrics.csv row each)."""
+    from ddpm_tf.config import load_config
+    from ddpm_tf.train import train
+
+    class_images(root / "images" / "bright", 210, seed=1)
+    class_images(root / "images" / "dark", 40, seed=2)
+    (root / "configs").mkdir()
+    config = write_config(root / "configs" / "tiny.yaml", {
+        "run": {"dir": str(root / "runs" / "tiny")},
+        "data": {"dir": str(root / "images"), "labels": "folders", "min_class_images": 2,
+                 "near_duplicate_threshold": -1, "max_pixels": 1000, "cache": str(root / "cache")},
+        "train": {"epochs": epochs}, "sample": {"sampler": "ddim", "steps": 5}})
+    train(load_config(config), echo=lambda m: None, log=lambda m: None)
+    return {"root": root, "runs": root / "runs", "configs": root / "configs", "config": config,
+            "run": root / "runs" / "tiny", "images": root / "images"}
