@@ -106,6 +106,8 @@ def wait(driver, condition, timeout=WAIT):
 
 
 def open_tab(driver, name: str) -> None:
+    for close in driver.find_elements(By.CSS_SELECTOR, ".toast-close"):  # the previous tab's messages
+        close.click()
     tab = wait(driver, EC.element_to_be_clickable((By.XPATH, f"//button[@role='tab'][normalize-space()='{name}']")))
     tab.click()
 
@@ -120,7 +122,7 @@ def test_generate_four_images(browser, project, tmp_path_factory):
     wait(browser, EC.element_to_be_clickable((By.ID, "generate"))).click()
     wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery img")) == 4)
     info = wait(browser, lambda d: d.find_element(By.ID, "gen-info").text)
-    grid = Path(re.search(r"grid (\S+\.png)", info).group(1))
+    grid = project["runs"] / re.search(r"grid (\S+\.png)", info).group(1)  # shown relative to the runs folder
     images = images_of(grid)
     assert len(images) == 4 and grid.parent == project["run"] / "samples"
     for seed, path in enumerate(images):
@@ -132,7 +134,8 @@ def test_generate_four_images(browser, project, tmp_path_factory):
     browser.save_screenshot(str(shots / "ui-generate.png"))
     # "Reuse this seed": a click on the third image puts its seed in the seeds box.
     browser.find_elements(By.CSS_SELECTOR, "#gallery button.thumbnail-item, #gallery .thumbnail-item")[2].click()
-    wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#gen-seeds textarea").get_attribute("value") == "2")
+    wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#gen-seeds input, #gen-seeds textarea")
+                                  .get_attribute("value") == "2")
 
 
 def test_runs_tab_shows_the_loss_plot(browser, tmp_path_factory):
@@ -146,7 +149,7 @@ def test_runs_tab_shows_the_loss_plot(browser, tmp_path_factory):
 
 def test_a_path_outside_the_roots_and_a_bad_upload_are_refused(browser, server, project, tmp_path_factory):
     open_tab(browser, "img2img & interpolate")
-    box = wait(browser, EC.visibility_of_element_located((By.CSS_SELECTOR, "#i2i-path textarea")))
+    box = wait(browser, EC.visibility_of_element_located((By.CSS_SELECTOR, "#i2i-path input, #i2i-path textarea")))
     box.send_keys("/etc/passwd")
     browser.find_element(By.ID, "i2i-go").click()
     page_says(browser, "/etc/passwd is outside the folders this page may read")
@@ -156,7 +159,7 @@ def test_a_path_outside_the_roots_and_a_bad_upload_are_refused(browser, server, 
     browser.find_element(By.CSS_SELECTOR, "#i2i-upload input[type=file]").send_keys(str(fake))
     wait(browser, lambda d: "holiday.png" in d.find_element(By.ID, "i2i-upload").text)
     browser.find_element(By.ID, "i2i-go").click()
-    page_says(browser, "cannot use this image: not-an-image")
+    page_says(browser, "holiday.png: cannot use this image: not-an-image")  # its name, not Gradio's temporary copy
     browser.save_screenshot(str(tmp_path_factory.getbasetemp() / "ui-img2img.png"))
     # The file route serves nothing outside the roots either.
     with pytest.raises(urllib.error.HTTPError) as refused:

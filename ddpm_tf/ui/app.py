@@ -15,7 +15,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd  # a dependency of Gradio
 
-from ..errors import UserError
+from ..errors import DataError, UserError
 from ..runs import RunDir
 from ..samplers import SAMPLER_NAMES
 from . import browse, dataset
@@ -27,6 +27,7 @@ from .trainer import Trainers
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                           font_mono=["ui-monospace", "Consolas", "monospace"])
 HEAVY = {"concurrency_id": "cpu", "concurrency_limit": 1}
+PICTURE = 280  # pixels: a grid or preview shown at this height, however small its images
 
 
 def shown(fn):
@@ -80,8 +81,12 @@ class Page:
                                             seeds_text=seeds, first_seed=first_seed or 0, n=n,
                                             labels=conditions(class_name, tags, guidance, labelled), progress=progress)
         names = [str(p) for p in images]
-        info = f"{len(images)} images in `{images[0].parent}`; grid `{grid}`" if images else str(grid)
+        info = f"{len(images)} images in `{self._shown(images[0].parent)}`; grid `{self._shown(grid)}`"
         return [(p, f"seed {seed_of(p)}") for p in names], str(grid), [str(grid), *names], names, info
+
+    def _shown(self, path: Path) -> str:
+        """A path as the page shows it: relative to the runs folder."""
+        return str(Path(path).resolve().relative_to(self.roots.runs))
 
     def reuse_seed(self, paths, evt: gr.SelectData):
         return str(seed_of(paths[evt.index]))
@@ -95,8 +100,12 @@ class Page:
         else:
             raise gr.Error("upload an image, or give the path of one under the runs, configs or data folders")
         labelled = label_choices(self.roots.run(run))[0] is not None
-        result, pair = self.studio.img2img(run, checkpoint, image, source_name=name, strength=strength, seed=seed,
-                                           steps=steps, labels=conditions(class_name, tags, guidance, labelled))
+        try:
+            result, pair = self.studio.img2img(run, checkpoint, image, source_name=name, strength=strength,
+                                               seed=seed, steps=steps,
+                                               labels=conditions(class_name, tags, guidance, labelled))
+        except DataError as exc:  # prepare's guards: name the upload, not Gradio's temporary copy
+            raise DataError(str(exc).replace(str(image), name)) from None
         return str(result), str(pair)
 
     def interpolate(self, run, checkpoint, seed_a, seed_b, frames, steps, class_name, tags, guidance):
@@ -117,11 +126,13 @@ class Page:
         curves = browse.metrics_curves(path)
         history = browse.previews(path)
         header, rows = browse.eval_table(path)
+        evals = pd.DataFrame(rows, columns=header) if header else pd.DataFrame(
+            {"eval.csv": ["no evaluation yet: run ddpm eval, or train with train.eval_every"]})
         latest = browse.latest_preview(path)
         return (_curve_frame(curves["loss"], "loss"), _curve_frame(curves["learning_rate"], "learning_rate"),
                 str(latest) if latest else None,
                 gr.update(maximum=max(0, len(history) - 1), value=max(0, len(history) - 1)),
-                self.preview_at(name, len(history) - 1), pd.DataFrame(rows, columns=header) if header else None,
+                self.preview_at(name, len(history) - 1), evals,
                 _curve_frame(browse.kid_curve(path), "kid"), browse.config_text(path))
 
     def preview_at(self, name, index):
@@ -165,7 +176,8 @@ def _generate_tab(page: Page, runs: list[str]):
         steps = gr.Number(0, precision=0, minimum=0, label="Steps (0: the sampler's default)", elem_id="gen-steps")
         eta = gr.Slider(0, 1, value=0, step=0.05, label="eta (DDIM: 0 deterministic, 1 DDPM-like)")
     with gr.Row():
-        seeds = gr.Textbox(label="Seeds (comma-separated; empty: first seed, first seed + 1, ...)", elem_id="gen-seeds")
+        seeds = gr.Textbox(label="Seeds (comma-separated; empty: first seed, first seed + 1, ...)", max_lines=1,
+                           elem_id="gen-seeds")
         first_seed = gr.Number(0, precision=0, minimum=0, label="First seed", elem_id="gen-first-seed")
         n = gr.Slider(1, 64, value=4, step=1, label="Images", elem_id="gen-n")
     with gr.Row(visible=False) as label_row:
@@ -177,7 +189,7 @@ def _generate_tab(page: Page, runs: list[str]):
     gallery = gr.Gallery(label="Images (click one to reuse its seed)", columns=8, height="auto",
                          show_download_button=True, elem_id="gallery")
     with gr.Row():
-        grid = gr.Image(label="Grid", type="filepath", interactive=False, elem_id="grid")
+        grid = gr.Image(label="Grid", type="filepath", interactive=False, height=PICTURE, elem_id="grid")
         files = gr.File(label="Download", file_count="multiple", interactive=False, elem_id="files")
     paths = gr.State([])
     picked = [checkpoint, sampler, steps, eta, label_row, class_name, tags]
@@ -193,15 +205,16 @@ def _img2img_tab(page: Page, run, checkpoint, labels):
                 "the run's `samples/`.")
     with gr.Row():
         upload = gr.File(label="Upload an image", file_types=["image"], type="filepath", elem_id="i2i-upload")
-        path = gr.Textbox(label="... or a path under the runs, configs or data folders", elem_id="i2i-path")
+        path = gr.Textbox(label="... or a path under the runs, configs or data folders", max_lines=1,
+                          elem_id="i2i-path")
     with gr.Row():
         strength = gr.Slider(0, 1, value=0.5, step=0.05, label="Strength (0 keeps it, 1 from noise)")
         seed = gr.Number(0, precision=0, minimum=0, label="Seed")
         steps = gr.Number(0, precision=0, minimum=0, label="DDIM steps (0: default)")
     go = gr.Button("img2img", variant="primary", elem_id="i2i-go")
     with gr.Row():
-        result = gr.Image(label="Result", type="filepath", interactive=False, elem_id="i2i-result")
-        pair = gr.Image(label="Before / after", type="filepath", interactive=False)
+        result = gr.Image(label="Result", type="filepath", interactive=False, height=PICTURE, elem_id="i2i-result")
+        pair = gr.Image(label="Before / after", type="filepath", interactive=False, height=PICTURE)
     go.click(shown(page.img2img), [run, checkpoint, upload, path, strength, seed, steps, *labels], [result, pair],
              **HEAVY)
     gr.Markdown("### Interpolate between two seeds")
@@ -212,8 +225,8 @@ def _img2img_tab(page: Page, run, checkpoint, labels):
         isteps = gr.Number(0, precision=0, minimum=0, label="DDIM steps (0: default)")
     morph = gr.Button("Interpolate", elem_id="interp-go")
     with gr.Row():
-        strip = gr.Image(label="Strip", type="filepath", interactive=False)
-        gif = gr.Image(label="GIF", type="filepath", interactive=False)
+        strip = gr.Image(label="Strip", type="filepath", interactive=False, height=PICTURE)
+        gif = gr.Image(label="GIF", type="filepath", interactive=False, height=PICTURE)
     morph.click(shown(page.interpolate), [run, checkpoint, seed_a, seed_b, frames, isteps, *labels], [strip, gif],
                 **HEAVY)
 
@@ -227,10 +240,12 @@ def _runs_tab(page: Page):
         loss = gr.LinePlot(x="step", y="loss", title="loss (per epoch)", elem_id="loss-plot")
         lr = gr.LinePlot(x="step", y="learning_rate", title="learning rate", elem_id="lr-plot")
     with gr.Row():
-        latest = gr.Image(label="latest preview", type="filepath", interactive=False, elem_id="latest-preview")
+        latest = gr.Image(label="latest preview", type="filepath", interactive=False, height=PICTURE,
+                          elem_id="latest-preview")
         with gr.Column():
             index = gr.Slider(0, 0, value=0, step=1, label="preview history (oldest to newest)", elem_id="history")
-            shot = gr.Image(label="preview", type="filepath", interactive=False, elem_id="history-preview")
+            shot = gr.Image(label="preview", type="filepath", interactive=False, height=PICTURE,
+                            elem_id="history-preview")
     with gr.Row():
         evals = gr.Dataframe(interactive=False, label="eval.csv", elem_id="eval-table")
         kid = gr.LinePlot(x="step", y="kid", title="KID over steps", elem_id="kid-plot")
@@ -255,7 +270,8 @@ def _train_tab(page: Page, configs: list[str]):
         stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
     status = gr.Markdown(elem_id="train-status")
     with gr.Row():
-        preview = gr.Image(label="newest preview", type="filepath", interactive=False, elem_id="train-preview")
+        preview = gr.Image(label="newest preview", type="filepath", interactive=False, height=PICTURE,
+                           elem_id="train-preview")
         log = gr.Textbox(label="trainer output", lines=10, interactive=False, elem_id="train-log")
     start.click(shown(page.start_training), [config, name, overrides], [name, status, preview, log])
     stop.click(shown(page.stop_training), name, [status, preview, log])
