@@ -46,11 +46,12 @@ if [ ! -f "$marker" ]; then
   "$env_dir/bin/python" -m pip install -q --upgrade pip >&2
   "$env_dir/bin/python" -m pip install -q "$tfpkg" "${extra[@]}" >&2
   # --no-deps on the project itself would skip click & co; its tensorflow requirement lives in extras.
-  # The face extra (OpenCV) is resolved together with numpy<1.24 on tf210, which selects an OpenCV 4.11.
-  "$env_dir/bin/python" -m pip install -q -e "$repo[test,face]" "${extra[@]}" >&2
+  # The face extra (OpenCV) is resolved together with numpy<1.24 on tf210, which selects an OpenCV 4.11; the
+  # ui extra (Gradio 5, pandas) installs under numpy<1.24 too.
+  "$env_dir/bin/python" -m pip install -q -e "$repo[test,face,ui]" "${extra[@]}" >&2
   touch "$marker"
 else
   # Reuse: refresh the editable install only (cheap, and picks up new dependencies).
-  "$env_dir/bin/python" -m pip install -q -e "$repo[test,face]" "${extra[@]}" >&2
+  "$env_dir/bin/python" -m pip install -q -e "$repo[test,face,ui]" "${extra[@]}" >&2
 fi
 echo "$env_dir"
