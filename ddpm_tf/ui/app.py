@@ -115,6 +115,10 @@ class Page:
         return str(strip), str(gif)
 
     # --- Runs --------------------------------------------------------------------------------------
+    def run_choices(self):
+        names = self.run_names()
+        return gr.update(choices=names)
+
     def runs_overview(self):
         names = self.run_names()
         return browse.runs_table(self.roots.runs), gr.update(choices=names, value=names[0] if names else None)
@@ -312,6 +316,7 @@ def build(roots: Roots) -> gr.Blocks:
             with gr.Tab("Data", id="data"):
                 _data_tab(page, dataset.data_sources(roots))
         blocks.load(shown(page.runs_overview), None, [table, pick])
+        blocks.load(shown(page.run_choices), None, run)  # runs trained since the page started
         blocks.load(shown(page.pick_run), run, picked)
     return blocks
 
