@@ -3,12 +3,13 @@ Generate button sends it) against `ddpm sample` in a terminal and against the ge
 the three alternated round after round so that a load on the machine hits all of them alike.
 
     python scripts/bench_ui.py --run runs/demo --n 16 --sampler ddim --steps 50 --repeat 3
+    python scripts/bench_ui.py --config configs/demo.yaml ...   # an untrained run of that network (same cost)
 
 Prints, per round and as medians:
   terminal  wall time of `ddpm sample --run RUN --seeds ...` (start to exit: Python, TensorFlow, the network,
             the trace, the sampling, the PNGs), what a person typing the command waits;
-  page      the Generate request from submit to result (images written, paths back), the run loaded and traced
-            once by the first request (reported apart as 'page, first');
+  page      the Generate request from submit to the images fetched as the browser fetches them (the gallery
+            and the grid), the run loaded and traced once by the first request (reported apart as 'page, first');
   engine    generation.generate on a LoadedRun kept in this process: the sampling and PNGs alone.
 The page's overhead is page / engine - 1 (Gradio's queue, HTTP, copying the results to its cache). Samples go to
 the run's samples/ folder; run it on a copy of a run if that matters.
@@ -51,16 +52,35 @@ def start_page(run: Path, log: Path) -> tuple[subprocess.Popen, str]:
             time.sleep(0.5)
 
 
+def untrained_run(config: Path, folder: Path) -> Path:
+    """A run of `config`'s network with its initial (untrained) EMA weights exported: sampling costs the same."""
+    from ddpm_tf import compat
+    from ddpm_tf.config import load_config
+    from ddpm_tf.runs import RunDir, save_weights
+    from ddpm_tf.unet import build_unet
+
+    cfg = load_config(config, [f"run.dir={folder}"])
+    run = RunDir(folder)
+    run.claim()
+    run.save_config(cfg)
+    net = build_unet(cfg.model, cfg.data.image_size, cfg.data.channels, name="ema_unet")
+    save_weights(net, run.export_path(0), {"tf": compat.TF_VERSION, "keras": compat.KERAS_VERSION})
+    return folder
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", type=Path, required=True, help="a trained run directory")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", type=Path, help="a trained run directory")
+    source.add_argument("--config", type=Path, help="bench an untrained run of this config's network")
     parser.add_argument("--n", type=int, default=16, help="images per request")
     parser.add_argument("--sampler", default="ddim")
     parser.add_argument("--steps", type=int, default=0, help="0: the sampler's default")
     parser.add_argument("--repeat", type=int, default=3, help="rounds of terminal, page and engine")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    run = args.run.resolve()
+    scratch = Path(tempfile.mkdtemp(prefix="bench-ui-"))
+    run = (args.run or untrained_run(args.config, scratch / "runs" / args.config.stem)).resolve()
     seeds = ",".join(str(s) for s in range(args.n))
     terminal_cmd = [sys.executable, "-m", "ddpm_tf.cli", "sample", "--run", str(run), "--seeds", seeds,
                     "--sampler", args.sampler, "--batch-size", str(args.n)] + \
@@ -70,16 +90,22 @@ def main() -> None:
 
     from ddpm_tf.generation import LoadedRun, generate
 
-    log = Path(tempfile.mkdtemp(prefix="bench-ui-")) / "ui.log"
+    log = scratch / "ui.log"
     process, url = start_page(run, log)
     try:
-        client = Client(url, verbose=False)
+        # As a browser: the results come back as URLs, and the images the page shows (the gallery and the grid)
+        # are fetched from the page; the download list is not.
+        client = Client(url, verbose=False, download_files=False)
         request = dict(run=run.name, checkpoint=None, sampler=args.sampler, steps=args.steps, eta=0, seeds=seeds,
                        first_seed=0, n=args.n, class_name="", tags="", guidance=1)
 
         def page() -> float:
             t0 = time.perf_counter()
-            client.predict(*request.values(), api_name="/generate")
+            gallery, grid, *_ = client.predict(*request.values(), api_name="/generate")
+            shown = [item["image"]["url"] for item in gallery] + [grid["url"]]
+            assert len(shown) == args.n + 1, shown
+            for link in shown:
+                urllib.request.urlopen(link, timeout=60).read()
             return time.perf_counter() - t0
 
         loaded = LoadedRun.load(run)
@@ -104,7 +130,10 @@ def main() -> None:
             print(f"round {i + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
     finally:
         process.terminate()
-        process.wait(timeout=60)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"\n{args.n} images, {args.sampler} {args.steps or 'default'} steps, run {run}")
     print(f"  terminal (ddpm sample, start to exit)  {med['terminal']:7.2f} s  median of {args.repeat}")

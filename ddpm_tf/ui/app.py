@@ -371,4 +371,5 @@ def serve(runs: Path, configs: Path, host: str = "127.0.0.1", port: int = 7860, 
     shown_host = f"[{host}]" if ":" in host else host
     echo(f"ddpm ui: http://{shown_host}:{port}/ (runs {roots.runs}, configs {roots.configs}); Ctrl-C stops the page, "
          "not a training it started")
-    uvicorn.run(Offline(app), host=host, port=port, log_level="warning")
+    # An open tab keeps a stream open; Ctrl-C or SIGTERM closes the page within seconds even so.
+    uvicorn.run(Offline(app), host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)
