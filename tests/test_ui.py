@@ -196,6 +196,7 @@ def test_trainer_process_lock_and_sigterm_stop(project, tmp_path):
     process = trainers.processes[roots.runs / "long"]
     try:
         assert status["training"] and status["pid"] == process.pid
+        assert os.getsid(process.pid) != os.getsid(0)  # its own session: Ctrl-C on the page does not reach it
         assert RunLock(RunDir(roots.runs / "long")).live_owner()["pid"] == process.pid
         with pytest.raises(RunError, match=f"is being trained by process {process.pid}"):
             trainers.start("tiny.yaml", "long")
@@ -236,7 +237,10 @@ def test_the_page_builds_and_its_handlers_read_the_run(project, roots):
     pytest.importorskip("gradio")
     from ddpm_tf.ui.app import Page, build
 
-    assert build(roots) is not None
+    blocks = build(roots)
+    # Sampling, img2img, interpolation and prepare share one queue slot: a second request waits.
+    heavy = {fn.name: fn.concurrency_limit for fn in blocks.fns.values() if fn.concurrency_id == "cpu"}
+    assert heavy == {"generate": 1, "img2img": 1, "interpolate": 1, "prepare": 1}
     page = Page(roots)
     loss, lr, latest, history, shot, evals, kid, config = page.run_details("tiny")
     assert list(loss["step"]) == [2, 4] and list(lr.columns) == ["step", "learning_rate"]
