@@ -1,13 +1,20 @@
 """The web page's functions without a browser (ddpm_tf/ui/): runs listing, metrics, previews and eval reading,
 generation with runs kept loaded, uploads through prepare's guards, prepare's report, the trainer as a real
-`ddpm train` process (start, lock, SIGTERM stop), path checks, and --listen without a password refused."""
+`ddpm train` process (start, lock, SIGTERM stop), path checks, --listen without a password refused, and a
+password asked for when one is set."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import signal
+import socket
+import subprocess
+import sys
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 
 import numpy as np
 import pytest
@@ -250,3 +257,41 @@ def test_the_page_builds_and_its_handlers_read_the_run(project, roots):
     assert picked[5]["choices"] == ["", "all", "bright", "dark"]
     assert yaml.safe_load(config)["data"]["labels"] == "folders"
     assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
+
+
+def test_a_password_protects_the_page(project):
+    pytest.importorskip("gradio")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = project["root"] / "ui-auth.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "ddpm_tf.cli", "ui", "--runs", str(project["runs"]),
+                                    "--configs", str(project["configs"]), "--port", str(port),
+                                    "--listen", "127.0.0.1", "--auth", "ann:s3cret"],
+                                   stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_for(lambda: process.poll() is not None or _answers(url), "ddpm ui to answer")
+        assert process.poll() is None, log.read_text(encoding="utf-8")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(url + "config", timeout=30)
+        assert refused.value.code == 401
+        for password, code in (("wrong", 400), ("s3cret", 200)):
+            form = urllib.parse.urlencode({"username": "ann", "password": password}).encode()
+            try:
+                answer = urllib.request.urlopen(url + "login", data=form, timeout=30).status
+            except urllib.error.HTTPError as exc:
+                answer = exc.code
+            assert answer == code
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def _answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=5).close()
+        return True
+    except OSError:
+        return False
