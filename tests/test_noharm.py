@@ -73,7 +73,8 @@ def test_the_sweep_and_restart_touch_only_this_tools_names(tmp_path):
     assert run.marker.is_file() and run.is_run()
     ours = [run.config_path, run.metrics_csv, run.eval_csv, run.progress_path, run.written_by,
             run.checkpoints / "checkpoint", run.checkpoints / "ckpt-5.index",
-            run.checkpoints / "ckpt-5.data-00000-of-00001", run.export_path(5), run.previews / "latest.png", run.previews / "preview-epoch00001-step00000005.png",
+            run.checkpoints / "ckpt-5.data-00000-of-00001", run.export_path(5), run.previews / "latest.png",
+            run.previews / "preview-epoch00001-step00000005.png",
             run.eval_dir / "samples-step5-ddim-n4.png", run.eval_dir / "memorization-step5.csv",
             run.tensorboard / "events.out.tfevents.1.host.2.v2"]
     partial = [run.exports / ".ema-00000009.npz.tmp-999999999", run.path / ".config.yaml.tmp-999999999",
