@@ -15,7 +15,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd  # a dependency of Gradio
 
-from ..errors import DataError, UserError
+from ..errors import DataError, PathError, UserError
 from ..runs import RunDir
 from ..samplers import SAMPLER_NAMES
 from . import browse, dataset
@@ -76,13 +76,19 @@ class Page:
 
     def generate(self, run, checkpoint, sampler, steps, eta, seeds, first_seed, n, class_name, tags, guidance,
                  progress=gr.Progress()):
-        labelled = label_choices(self.roots.run(run))[0] is not None if run else False
+        labelled = self._labelled(run)
         grid, images = self.studio.generate(run, checkpoint, sampler=sampler, steps=steps, eta=eta,
                                             seeds_text=seeds, first_seed=first_seed or 0, n=n,
                                             labels=conditions(class_name, tags, guidance, labelled), progress=progress)
         names = [str(p) for p in images]
         info = f"{len(images)} images in `{self._shown(images[0].parent)}`; grid `{self._shown(grid)}`"
         return [(p, f"seed {seed_of(p)}") for p in names], str(grid), [str(grid), *names], names, info
+
+    def _labelled(self, run) -> bool:
+        """Whether the chosen run has labels (its class, tags and guidance controls apply)."""
+        if not run:
+            raise PathError("choose a run first (none under the runs folder yet? train one in the Train tab)")
+        return label_choices(self.roots.run(run))[0] is not None
 
     def _shown(self, path: Path) -> str:
         """A path as the page shows it: relative to the runs folder."""
@@ -99,7 +105,7 @@ class Page:
             name = str(image)
         else:
             raise gr.Error("upload an image, or give the path of one under the runs, configs or data folders")
-        labelled = label_choices(self.roots.run(run))[0] is not None
+        labelled = self._labelled(run)
         try:
             result, pair = self.studio.img2img(run, checkpoint, image, source_name=name, strength=strength,
                                                seed=seed, steps=steps,
@@ -109,7 +115,7 @@ class Page:
         return str(result), str(pair)
 
     def interpolate(self, run, checkpoint, seed_a, seed_b, frames, steps, class_name, tags, guidance):
-        labelled = label_choices(self.roots.run(run))[0] is not None
+        labelled = self._labelled(run)
         strip, gif = self.studio.interpolate(run, checkpoint, seed_a, seed_b, frames=frames, steps=steps,
                                              labels=conditions(class_name, tags, guidance, labelled))
         return str(strip), str(gif)
