@@ -156,7 +156,8 @@ def test_a_path_outside_the_roots_and_a_bad_upload_are_refused(browser, server, 
     fake = project["root"] / "holiday.png"
     fake.write_text("not an image at all", encoding="utf-8")
     browser.find_element(By.CSS_SELECTOR, "#i2i-upload input[type=file]").send_keys(str(fake))
-    wait(browser, lambda d: "holiday.png" in d.find_element(By.ID, "i2i-upload").text)
+    # Uploaded (not only listed): the file's link to the server's copy is there.
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#i2i-upload a[href*='holiday.png']"))
     browser.find_element(By.ID, "i2i-go").click()
     page_says(browser, "holiday.png: cannot use this image: not-an-image")  # its name, not Gradio's temporary copy
     browser.save_screenshot(str(tmp_path_factory.getbasetemp() / "ui-img2img.png"))
