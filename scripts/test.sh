@@ -7,6 +7,9 @@ set -uo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 status=0
+# The CPU decides which TensorFlow kernels run (oneDNN, bfloat16, AMX): say which one this run had.
+echo "=== CPU: $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | xargs), $(nproc) cores;" \
+  "flags: $(grep -m1 -o -w 'avx2\|avx512f\|avx512_vnni\|avx512_bf16\|amx_tile' /proc/cpuinfo 2>/dev/null | sort -u | xargs)"
 for line in ${DDPM_TEST_LINES:-tf210 latest}; do
   env_dir="$(bash scripts/setup.sh "$line" | tail -n 1)" || { echo "test.sh: setting up $line failed" >&2; exit 1; }
   py="$env_dir/bin/python"
