@@ -32,6 +32,38 @@ class FiniteFloat(click.FloatRange):
         return super().convert(number, param, ctx)
 
 
+class SamplerList(click.ParamType):
+    """`ddpm,ddim:50`: sampler names, each with optional steps, as [(name, steps or None)]."""
+
+    name = "samplers"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        out = []
+        for item in (v.strip() for v in str(value).split(",")):
+            name, _, steps = item.partition(":")
+            if name not in SAMPLER_NAMES:
+                self.fail(f"{item!r}: expected a sampler from {', '.join(SAMPLER_NAMES)}, optionally :STEPS",
+                          param, ctx)
+            if steps and not (steps.isdigit() and int(steps) >= 1):
+                self.fail(f"{item!r}: the steps after ':' must be a whole number >= 1", param, ctx)
+            out.append((name, int(steps) if steps else None))
+        return out
+
+
+class GuidanceList(click.ParamType):
+    """`1,2,4`: guidance scales, each finite and in [0, 100]."""
+
+    name = "scales"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        scale = FiniteFloat(0.0, 100.0)
+        return [scale.convert(v.strip(), param, ctx) for v in str(value).split(",")]
+
+
 def _quiet_tensorflow() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -229,7 +261,9 @@ def sample(run_dir, runs_root, out, overwrite, checkpoint, classes, tags, guidan
 Examples:
   ddpm eval --run runs/demo --features runs/orl-features.h5 --memorization
   ddpm eval --n 1000 --sampler dpmpp_2m --steps 20       # newest run, Inception-V3 features
-  ddpm eval --run runs/demo --images my_samples/         # score a folder instead of generating""")
+  ddpm eval --run runs/demo --images my_samples/         # score a folder instead of generating
+  ddpm eval --run runs/demo-people --features runs/orl-features.h5 --per-class --guidance 1,2,4
+  ddpm eval --run runs/demo --sampler ddpm,ddim:50,dpmpp_2m:20 --n 200   # which sampler, on your data""")
 @click.option("--run", "run_dir", type=click.Path(path_type=Path, file_okay=False, exists=True), default=None,
               help="Run directory. [default: the newest run under --runs-root]")
 @click.option("--runs-root", type=click.Path(path_type=Path, file_okay=False), default=Path("runs"),
@@ -242,9 +276,11 @@ Examples:
 @click.option("--features", default=None, metavar="imagenet|FILE",
               help="Feature network: Keras' ImageNet Inception-V3, Inception weights (.h5), or a whole Keras "
                    "model file mapping images in [-1, 1] to features. [default: eval.features]")
-@click.option("--sampler", type=click.Choice(SAMPLER_NAMES), default=None,
-              help="Sampler of the evaluated images. [default: eval.sampler]")
-@click.option("--steps", type=click.IntRange(1), default=None, help="Its steps. [default: eval.steps]")
+@click.option("--sampler", "samplers", type=SamplerList(), default=None, metavar="NAME[:STEPS],...",
+              help=f"Sampler(s) of the evaluated images, from {', '.join(SAMPLER_NAMES)}; a comma list sweeps them "
+                   "(e.g. ddpm,ddim:50,dpmpp_2m:20), each scored apart. [default: eval.sampler]")
+@click.option("--steps", type=click.IntRange(1), default=None,
+              help="Steps of a sampler given without :STEPS. [default: eval.steps]")
 @click.option("--eta", type=FiniteFloat(0.0, 1.0), default=None, help="Its DDIM eta. [default: eval.eta]")
 @click.option("--seed", type=click.IntRange(0, SEED_MAX), default=None,
               help="Sample i uses seed + i. [default: eval.seed]")
@@ -255,18 +291,32 @@ Examples:
 @click.option("--memorization", is_flag=True,
               help="Also match every sample to its nearest training image (pixels and features, mirrors "
                    "included), report the share of near-copies and write the closest pairs as a PNG.")
-def eval_command(run_dir, runs_root, checkpoint, n, images, features, sampler, steps, eta, seed, batch_size,
-                 overrides, memorization):
+@click.option("--per-class", is_flag=True,
+              help="A run with labels: score each class (or tag) apart against its own training images, with the "
+                   "class accuracy of a linear probe on the features. Implied by --class, --tags and --guidance.")
+@click.option("--class", "classes", multiple=True, metavar="NAME|all",
+              help="Per-class eval of this class only (repeatable). [default: every class]")
+@click.option("--tags", "tags", multiple=True, metavar='"TAG, TAG"', help="Per-tag eval of these tags (repeatable).")
+@click.option("--guidance", "guidances", type=GuidanceList(), default=None, metavar="W,W,...",
+              help="Guidance scale(s) of a per-class eval; a comma list sweeps them, e.g. 1,2,4. "
+                   "[default: sample.guidance]")
+def eval_command(run_dir, runs_root, checkpoint, n, images, features, samplers, steps, eta, seed, batch_size,
+                 overrides, memorization, per_class, classes, tags, guidances):
     """Score a run: KID and FID of its samples against its training images, and optionally a memorisation
-    report. Results are appended to RUN/eval.csv and TensorBoard; grids and pairs go to RUN/eval/."""
+    report. Results are appended to RUN/eval.csv and TensorBoard; grids and pairs go to RUN/eval/.
+
+    With --per-class, --n is the samples per class [default: eval.n spread over the classes, at least 8].
+    """
     if images is None and seed is not None and n is not None:
         _user_errors(check_seed_range, seed, n, "--seed", "--n")
     _quiet_tensorflow()
     from .evaluation.command import run_eval
 
+    samplers = [(name, s or steps) for name, s in samplers or [(None, None)]]
     _user_errors(run_eval, run_dir, runs_root=runs_root, checkpoint=checkpoint, n=n, images=images,
-                 features=features, sampler=sampler, steps=steps, eta=eta, seed=seed, batch_size=batch_size,
-                 overrides=list(overrides), memorization=memorization, echo=click.echo, progress_factory=_progress)
+                 features=features, samplers=samplers, eta=eta, seed=seed, batch_size=batch_size,
+                 overrides=list(overrides), memorization=memorization, per_class=per_class, classes=classes,
+                 tags=tags, guidances=guidances, echo=click.echo, progress_factory=_progress)
 
 
 @main.command(epilog="""\b

@@ -208,7 +208,7 @@ def _train_locked(cfg, run: RunDir, restart, echo, progress_factory, log) -> Run
         if progress_factory else _NullBar()
     writer = tf.summary.create_file_writer(str(run.tensorboard)) if cfg.run.tensorboard else None
     try:
-        callbacks, watchdog = _callbacks(cfg, run, model, manager, meta, images, label_set, state, bar, writer,
+        callbacks, watchdog = _callbacks(cfg, run, model, manager, meta, images, labels, state, bar, writer,
                                          echo, log)
         with _stop_on_signals(state, echo), watchdog:
             _fit(cfg, model, images, labels, state, callbacks)
@@ -270,9 +270,10 @@ def _build_and_restore(cfg, run: RunDir, state: RunState, label_set, echo, log):
     return model, manager, meta
 
 
-def _callbacks(cfg, run: RunDir, model, manager, meta, images, label_set, state: RunState, bar, writer, echo, log):
+def _callbacks(cfg, run: RunDir, model, manager, meta, images, labels, state: RunState, bar, writer, echo, log):
     """The periodic work of the fit, and the stall watchdog its first callback beats after every step."""
     ema_net, size, channels = model.ema_net, cfg.data.image_size, cfg.data.channels
+    label_set = labels.label_set if labels is not None else None
     progress = Progress(state, bar)
     # DDIM with eta 1 (stochastic): clean previews in 50 steps even early in training, where the
     # deterministic eta 0 shows grainy textures.
@@ -290,7 +291,7 @@ def _callbacks(cfg, run: RunDir, model, manager, meta, images, label_set, state:
         from .evaluation.command import TrainingEval
 
         in_memory = images if isinstance(images, np.ndarray) else images.load()  # the features need every image
-        callbacks.append(Evaluate(state, TrainingEval(run, cfg, ema_net, in_memory, writer, log),
+        callbacks.append(Evaluate(state, TrainingEval(run, cfg, ema_net, in_memory, writer, log, labels),
                                   cfg.train.eval_every, echo))
     return callbacks, watchdog
 

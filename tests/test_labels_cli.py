@@ -4,6 +4,7 @@ labels on an unlabelled run and a resume whose classes changed; the same for cap
 
 from __future__ import annotations
 
+import csv
 import shutil
 
 import numpy as np
@@ -110,7 +111,11 @@ def test_labels_on_an_unlabelled_run_say_how_to_train_one(tmp_path):
         result = invoke("sample", "--run", tmp_path / "run", *flag)
         assert result.exit_code == 2, result.output
         assert "this run has no labels" in result.output and "data.labels: folders" in result.output
-    assert not (tmp_path / "run" / "labels.json").exists()
+    for flag in (["--per-class"], ["--guidance", "1,2"], ["--class", "a"]):
+        result = invoke("eval", "--run", tmp_path / "run", *flag)
+        assert result.exit_code == 2, result.output
+        assert f"no labels (it was trained with data.labels: none), so {flag[0]}" in result.output
+    assert not (tmp_path / "run" / "labels.json").exists() and not (tmp_path / "run" / "eval.csv").exists()
 
 
 def test_a_resume_whose_classes_changed_is_refused_and_the_run_is_kept(labelled, tmp_path):
@@ -161,3 +166,65 @@ def test_a_tags_run_samples_the_tags_asked_for(tmp_path):
     assert result.exit_code == 2 and "no tag given" in result.output
     result = invoke("sample", "--run", tmp_path / "run", "--class", "smile")
     assert result.exit_code == 2 and "labels are tags" in result.output
+
+
+@pytest.fixture(scope="module")
+def mean_features(tmp_path_factory):
+    """A feature network that is each channel's mean brightness (no weights): bright and dark apart by
+    construction, so the probe's held-out accuracy is known to be 1."""
+    from ddpm_tf.compat import keras
+
+    inputs = keras.Input((16, 16, 3))
+    path = tmp_path_factory.mktemp("features") / "mean.h5"
+    keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(inputs)).save(str(path))
+    return path
+
+
+def eval_rows(run_dir):
+    with open(run_dir / "eval.csv", newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def test_per_class_eval_sweeps_guidance_and_scores_each_class(run_copy, mean_features):
+    result = invoke("eval", "--run", run_copy, "--features", mean_features, "--guidance", "0,3", "--n", 4,
+                    "--sampler", "ddim:3", "--set", "eval.kid_subset_size=3", "--memorization")
+    assert result.exit_code == 0, result.output
+    rows = eval_rows(run_copy)
+    assert [(r["guidance"], r["class"]) for r in rows] == [
+        ("0.0", "bright"), ("0.0", "dark"), ("0.0", "(all)"), ("3.0", "bright"), ("3.0", "dark"), ("3.0", "(all)")]
+    assert {r["source"] for r in rows} == {"ddim-3-eta1"} and {r["features"] for r in rows} == {"model:mean.h5"}
+    assert [(r["n"], r["n_train"]) for r in rows[:3]] == [("4", "4"), ("4", "4"), ("8", "8")]
+    assert {r["probe_held_out_accuracy"] for r in rows} == {"1.0"}
+    for point in (rows[:3], rows[3:]):
+        accuracy = [float(r["class_accuracy"]) for r in point]
+        assert all(a in (0, 0.25, 0.5, 0.75, 1) for a in accuracy[:2])  # 4 samples a class
+        assert accuracy[2] == pytest.approx(np.mean(accuracy[:2]))  # the summary: every sample
+        assert all(np.isfinite(float(r["kid_mean"])) and 0 <= float(r["near_copy_share"]) <= 1 for r in point)
+        assert float(point[2]["mean_class_kid"]) == pytest.approx(np.mean([float(r["kid_mean"]) for r in point[:2]]))
+    assert "on real images it did not see it gets 100.0 % right" in result.output
+    assert "ddim-3-eta1" in result.output.split("per-class eval of", 1)[1]
+
+
+def test_per_class_eval_refuses_what_it_cannot_score(run_copy, mean_features, tmp_path):
+    unknown = invoke("eval", "--run", run_copy, "--features", mean_features, "--class", "brigth")
+    assert unknown.exit_code == 2 and "brigth" in unknown.output and "bright" in unknown.output
+    negative = invoke("eval", "--run", run_copy, "--guidance", "1,-1")
+    assert negative.exit_code == 2 and "-1" in negative.output
+    folder = tmp_path / "pngs"
+    class_images(folder, 100)
+    with_images = invoke("eval", "--run", run_copy, "--per-class", "--images", folder)
+    assert with_images.exit_code != 0 and "--images: a folder has no classes" in with_images.output
+    assert not (run_copy / "eval.csv").exists()
+
+
+def test_training_eval_on_a_labelled_run_scores_its_class_accuracy(labelled, run_copy, mean_features, tmp_path):
+    cfg = yaml.safe_load(labelled[0].read_text(encoding="utf-8"))
+    cfg["run"]["dir"] = str(run_copy)
+    cfg["train"].update({"epochs": 2, "eval_every": 1})
+    cfg["eval"] = {"features": str(mean_features), "n": 4, "steps": 2, "kid_subset_size": 3}
+    (tmp_path / "more.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    result = invoke("train", "--config", tmp_path / "more.yaml")
+    assert result.exit_code == 0, result.output
+    (row,) = eval_rows(run_copy)
+    assert row["epoch"] == "2" and row["probe_held_out_accuracy"] == "1.0"
+    assert float(row["class_accuracy"]) in (0, 0.25, 0.5, 0.75, 1)

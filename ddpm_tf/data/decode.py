@@ -190,7 +190,7 @@ def to_mode(im: Image.Image, channels: int, background: tuple = (255, 255, 255))
         hi = 65535.0 if im.mode.startswith("I;16") or top > 255 else 255.0
         if im.mode == "F" and top <= 1.0:
             hi = 1.0
-        im = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        im = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8))
     if im.mode in ("P", "PA", "LA", "La", "RGBa") or "transparency" in im.info:
         im = im.convert("RGBA")
     if im.mode == "RGBA":

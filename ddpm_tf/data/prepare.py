@@ -226,7 +226,7 @@ _POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], np.uint8)
 def thumbnail(pixels: np.ndarray) -> np.ndarray:
     """A (THUMB * THUMB,) uint8 grayscale thumbnail of decoded (S, S, C) pixels."""
     gray = pixels.mean(axis=-1) if pixels.shape[-1] > 1 else pixels[..., 0]
-    im = Image.fromarray(np.clip(gray + 0.5, 0, 255).astype(np.uint8), "L").resize((THUMB, THUMB), Image.BOX)
+    im = Image.fromarray(np.clip(gray + 0.5, 0, 255).astype(np.uint8)).resize((THUMB, THUMB), Image.BOX)
     return np.asarray(im, np.uint8).reshape(-1)
 
 
