@@ -190,11 +190,11 @@ def test_per_class_eval_sweeps_guidance_and_scores_each_class(run_copy, mean_fea
                     "--sampler", "ddim:3", "--set", "eval.kid_subset_size=3", "--memorization")
     assert result.exit_code == 0, result.output
     rows = eval_rows(run_copy)
-    assert [(r["guidance"], r["class"]) for r in rows] == [
-        ("0.0", "bright"), ("0.0", "dark"), ("0.0", "(all)"), ("3.0", "bright"), ("3.0", "dark"), ("3.0", "(all)")]
+    assert [(float(r["guidance"]), r["class"]) for r in rows] == [
+        (0, "bright"), (0, "dark"), (0, "(all)"), (3, "bright"), (3, "dark"), (3, "(all)")]
     assert {r["source"] for r in rows} == {"ddim-3-eta1"} and {r["features"] for r in rows} == {"model:mean.h5"}
     assert [(r["n"], r["n_train"]) for r in rows[:3]] == [("4", "4"), ("4", "4"), ("8", "8")]
-    assert {r["probe_held_out_accuracy"] for r in rows} == {"1.0"}
+    assert {float(r["probe_held_out_accuracy"]) for r in rows} == {1.0}
     for point in (rows[:3], rows[3:]):
         accuracy = [float(r["class_accuracy"]) for r in point]
         assert all(a in (0, 0.25, 0.5, 0.75, 1) for a in accuracy[:2])  # 4 samples a class
@@ -226,5 +226,5 @@ def test_training_eval_on_a_labelled_run_scores_its_class_accuracy(labelled, run
     result = invoke("train", "--config", tmp_path / "more.yaml")
     assert result.exit_code == 0, result.output
     (row,) = eval_rows(run_copy)
-    assert row["epoch"] == "2" and row["probe_held_out_accuracy"] == "1.0"
+    assert row["epoch"] == "2" and float(row["probe_held_out_accuracy"]) == 1.0
     assert float(row["class_accuracy"]) in (0, 0.25, 0.5, 0.75, 1)
