@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import write_config
+from conftest import class_images, write_config
 from PIL import Image
 
 from ddpm_tf.cli import main
@@ -27,15 +27,6 @@ def invoke(*args):
 def pixels(path):
     with Image.open(path) as im:
         return np.asarray(im).astype(int)
-
-
-def class_images(folder, value, count=4, seed=0):
-    """`count` distinct noisy images around grey level `value` in `folder`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(count):
-        img = np.clip(value + rng.normal(0, 25, (20, 20, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(img).save(folder / f"{i}.png")
 
 
 @pytest.fixture(scope="module")
