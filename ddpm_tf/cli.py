@@ -107,13 +107,17 @@ def main():
 Examples:
   ddpm train --config configs/demo.yaml
   ddpm train --config configs/portrait64.yaml --set train.batch_size=32 --set run.dir=runs/faces-b32
-  ddpm train --config configs/demo.yaml --restart     # start the run over, deleting its checkpoints""")
+  ddpm train --config configs/demo.yaml --restart     # start the run over, deleting its checkpoints
+  ddpm train --config configs/mine.yaml --init-from runs/demo@3750   # start from another run's weights""")
 @click.option("--config", "-c", "config_path", required=True,
               type=click.Path(path_type=Path, dir_okay=False), help="YAML config file.")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override one config value (repeatable), typed like in the file, e.g. train.epochs=10.")
 @click.option("--restart", is_flag=True, help="Start over even if the run directory holds checkpoints.")
-def train(config_path: Path, overrides: tuple[str, ...], restart: bool):
+@click.option("--init-from", "init_from", default=None, metavar="RUN[@STEP]",
+              help="Start a new run from another run's EMA weights (its newest export, or the one at STEP), with a "
+                   "fresh optimizer and step counter; the same network is required. Sets train.init_from.")
+def train(config_path: Path, overrides: tuple[str, ...], restart: bool, init_from: str | None):
     """Train (or resume) the run described by a config file.
 
     A run directory (run.dir) with checkpoints is resumed from the newest one; the resolved config,
@@ -121,6 +125,8 @@ def train(config_path: Path, overrides: tuple[str, ...], restart: bool):
     """
     from .config import load_config
 
+    if init_from is not None:
+        overrides = (*overrides, f"train.init_from={init_from}")
     cfg = _user_errors(load_config, config_path, list(overrides))
     _quiet_tensorflow()
     from .train import train as run_train

@@ -197,6 +197,8 @@ class TrainConfig:
     label_dropout: float = _spec(0.1, lo=0.0, hi=1.0,
                                  help="with labels (data.labels): share of images trained with the null label, "
                                       "the unconditional branch classifier-free guidance needs (Ho & Salimans 2022)")
+    init_from: str = _spec("", help="a new run starts from another run's EMA weights: `RUN` (its newest export) or "
+                                    "`RUN@STEP`; fresh optimizer and step counter, the same network required")
     eval_every: int = _spec(0, lo=0, help="KID/FID/near-copies (the `eval` section's settings) every N epochs, "
                                           "to `RUN/eval.csv` and TensorBoard (0: never)")
 

@@ -283,7 +283,7 @@ def save_weights(model, path: Path, meta: dict) -> None:
     atomic_write_bytes(Path(path), buf.getvalue())
 
 
-def _read_export(path: Path, weights: bool = True) -> tuple[dict, dict]:
+def read_export(path: Path, weights: bool = True) -> tuple[dict, dict]:
     """(arrays, meta) of an .npz export (arrays empty unless `weights`); RunError when it cannot be read."""
     try:
         with np.load(path, allow_pickle=False) as data:
@@ -301,7 +301,7 @@ def export_labels(path: Path):
     from .data.labels import LabelSet
     from .errors import LabelError
 
-    _, meta = _read_export(path, weights=False)
+    _, meta = read_export(path, weights=False)
     if not meta.get("labels"):
         return None
     try:
@@ -314,7 +314,7 @@ def load_weights(model, path: Path) -> dict:
     """Load an .npz export into `model`, checking every name and shape; returns its meta dict."""
     from .compat import variable_key
 
-    arrays, meta = _read_export(path)
+    arrays, meta = read_export(path)
     for v in model.weights:
         key = variable_key(v)
         if key not in arrays:

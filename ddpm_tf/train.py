@@ -267,7 +267,20 @@ def _build_and_restore(cfg, run: RunDir, state: RunState, label_set, echo, log):
         _sync_exports(run, model.ema_net, step, meta, state, keep_later=bool(skipped))
         epoch, batch = state.position()
         echo(f"resuming {run.path} from step {step} (epoch {epoch}" + (f", batch {batch})" if batch else ")"))
+    elif cfg.train.init_from:
+        meta["init_from"] = _warm_start(cfg, run, model, echo)
     return model, manager, meta
+
+
+def _warm_start(cfg, run: RunDir, model, echo) -> dict:
+    """A new run's first weights from train.init_from (both the network and its EMA copy); where it started."""
+    from .warm_start import find_source, warm_start
+
+    source = find_source(cfg.train.init_from, run)
+    note = warm_start([model.net, model.ema_net], source)
+    echo(f"initialised from {source.run} at step {source.step} (its EMA weights); fresh optimizer and step "
+         "counter" + (f"; {note}" if note else ""))
+    return {"run": str(source.run), "step": source.step}
 
 
 def _callbacks(cfg, run: RunDir, model, manager, meta, images, labels, state: RunState, bar, writer, echo, log):
