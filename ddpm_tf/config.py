@@ -268,6 +268,20 @@ def _describe(meta: dict, kind: str) -> str:
             "tuple": "a list of integers"}[kind] + rng
 
 
+KNOWN_KEYS_SHOWN = 10  # keys named by an unknown-key message, the closest to the typo first
+
+
+def _known_keys(fields, name) -> str:
+    """A section's keys for an unknown-key message: the closest to `name` first, at most KNOWN_KEYS_SHOWN."""
+    import difflib
+
+    names = list(fields)
+    close = difflib.get_close_matches(str(name)[:100], names, n=3, cutoff=0.5)
+    ordered = close + [n for n in names if n not in close]
+    more = len(ordered) - KNOWN_KEYS_SHOWN
+    return ", ".join(ordered[:KNOWN_KEYS_SHOWN]) + (f" and {more} more (docs/configuration.md)" if more > 0 else "")
+
+
 def _check_value(where: str, key: str, value: Any, default: Any, meta: dict) -> Any:
     """Coerce `value` to the type of `default` and check its range; raise ConfigError naming the key."""
     kind = type(default).__name__
@@ -302,8 +316,8 @@ def _check_value(where: str, key: str, value: Any, default: Any, meta: dict) -> 
         if not math.isfinite(value):
             raise bad("is not a finite number")
         items = [value]
-    elif kind == "str":
-        if not isinstance(value, str) or not value:
+    elif kind == "str":  # empty only where the default is (train.init_from: "" is "none")
+        if not isinstance(value, str) or (not value and default):
             raise bad("has the wrong type")
         items = [value]
     else:  # tuple of ints
@@ -418,7 +432,7 @@ def from_dict(raw: dict, where: str, overrides: list[tuple[str, Any]] = ()) -> C
         for name, (value, src) in merged.get(section, {}).items():
             key = f"{section}.{name}" if isinstance(name, str) else f"{section}.{_short(name)}"
             if name not in fields:
-                raise ConfigError(f"{src}: unknown key {_short(key)}: {section} has {', '.join(fields)}")
+                raise ConfigError(f"{src}: unknown key {_short(key)}: {section} has {_known_keys(fields, name)}")
             f = fields[name]
             values[name] = _check_value(src, key, value, f.default, f.metadata)
             sources[key] = src
