@@ -15,7 +15,7 @@ import click
 from . import __version__
 from .data.decode import CHANNELS, CROPS
 from .precision import JIT_MODES, PRECISIONS
-from .samplers import SAMPLER_NAMES, SPACINGS, describe_default_steps, describe_samplers
+from .samplers import GUIDANCE_MAX, SAMPLER_NAMES, SPACINGS, describe_default_steps, describe_samplers
 from .seeds import SEED_MAX, check_seed_range
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
@@ -60,7 +60,7 @@ class GuidanceList(click.ParamType):
     def convert(self, value, param, ctx):
         if isinstance(value, list):
             return value
-        scale = FiniteFloat(0.0, 100.0)
+        scale = FiniteFloat(0.0, GUIDANCE_MAX)
         return [scale.convert(v.strip(), param, ctx) for v in str(value).split(",")]
 
 
@@ -189,7 +189,7 @@ def _sample_options(fn):
 
 def _label_options(fn):
     """--class, --tags and --guidance: what to draw from a run trained with labels (data.labels)."""
-    fn = click.option("--guidance", type=FiniteFloat(0.0, 100.0), default=None, metavar="W",
+    fn = click.option("--guidance", type=FiniteFloat(0.0, GUIDANCE_MAX), default=None, metavar="W",
                       help="Classifier-free guidance: uncond + W (cond - uncond); 1 plain conditional, 0 "
                            "unconditional, higher more typical of the class. [default: sample.guidance]")(fn)
     fn = click.option("--tags", "tags", multiple=True, metavar='"TAG, TAG"',

@@ -15,7 +15,14 @@ from .data.decode import CHANNELS, CROPS
 from .data.labels import LABEL_MODES
 from .errors import ConfigError
 from .precision import JIT_MODES, PRECISIONS
-from .samplers import GUIDANCE_DEFAULT, SAMPLER_NAMES, SPACINGS, VARIANCES, describe_default_steps
+from .samplers import (
+    GUIDANCE_DEFAULT,
+    GUIDANCE_MAX,
+    SAMPLER_NAMES,
+    SPACINGS,
+    VARIANCES,
+    describe_default_steps,
+)
 from .schedule import BETA_SCHEDULES, LOSS_WEIGHTINGS, PREDICTIONS
 from .seeds import SEED_MAX, seed_range_problem
 
@@ -217,7 +224,7 @@ class SampleConfig:
     variance: str = _spec("small", choices=VARIANCES,
                           help="DDPM reverse variance: `small` (posterior) or `large` (beta)")
     clip_x0: bool = _spec(True, help="clip the predicted x0 to [-1, 1] at every step")
-    guidance: float = _spec(GUIDANCE_DEFAULT, lo=0.0, hi=100.0,
+    guidance: float = _spec(GUIDANCE_DEFAULT, lo=0.0, hi=GUIDANCE_MAX,
                             help="classifier-free guidance scale W of a run with labels: uncond + W (cond - uncond); "
                                  "1 plain conditional, 0 unconditional, above 1 more typical of the class")
 

@@ -30,6 +30,7 @@ from .schedule import Schedule, posterior, split_prediction
 SPACINGS = ("linspace", "trailing")
 VARIANCES = ("small", "large")  # the ddpm sampler's reverse variance: the posterior's, or beta
 GUIDANCE_DEFAULT = 2.0  # sample.guidance; 1 is the plain conditional model, 0 the unconditional one
+GUIDANCE_MAX = 100.0  # the largest scale config and CLI accept
 
 
 def guide(cond, uncond, guidance: float):

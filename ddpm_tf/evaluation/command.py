@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..compat import tf
-from ..conditions import ALL, NO_LABELS, Condition, requested
+from ..conditions import ALL, NO_LABELS, requested
 from ..errors import EvalError, LabelError
 from ..images import make_grid, save_png
 from ..runs import RunDir, append_csv_row, load_run
@@ -21,7 +21,7 @@ from ..seeds import check_seed_range
 from ..summaries import scalar_summary
 from .memorization import save_pairs_png
 from .per_class import ALL_ROWS, ClassReference, format_sweep, sampler_tag, sweep
-from .probe import fit_probe
+from .probe import fit_labels_probe
 from .report import (
     evaluate_images,
     load_features,
@@ -145,8 +145,9 @@ def _per_class_conditions(label_set, per_class: bool, classes, tags, guidances) 
         requested(label_set, guidance=w)  # a negative scale: the one message of every command
     if classes or tags:
         return requested(label_set, classes, tags)
-    return requested(label_set, [ALL]) if label_set.mode == "folders" else \
-        [Condition("tags", (name,), label_set.vector([name])) for name in label_set.names]
+    if label_set.mode == "folders":
+        return requested(label_set, [ALL])
+    return requested(label_set, tags=list(label_set.names))  # one condition per tag
 
 
 def _run_per_class(run, cfg, net, step, label_set, extractor, conditions, *, samplers, guidances, n, seed, eta,
@@ -218,18 +219,19 @@ class TrainingEval:
         if labels is not None:
             k = len(labels.label_set)
             self.label_rows = np.eye(k, dtype=np.float32)[np.arange(cfg.eval.n) % k]
-            self.probe = fit_probe(self.reference.features, labels.matrix,
-                                   "class" if labels.label_set.mode == "folders" else "tags", seed=cfg.eval.seed)
+            self.probe = fit_labels_probe(self.reference.features, labels, seed=cfg.eval.seed)
 
     def __call__(self, step: int, epoch: int):
         """Sample, score, append to eval.csv and TensorBoard; returns the EvalResult."""
         e = self.cfg.eval
         samples, source, _ = generate(self.ema_net, self.cfg, e.n, labels=self.label_rows, echo=self.echo)
+        feats = self.extractor(samples)  # once: for the scores and the probe
         result = evaluate_images(samples, self.reference, self.extractor, kid_subsets=e.kid_subsets,
-                                 kid_subset_size=e.kid_subset_size, seed=e.seed, memorization=True)
+                                 kid_subset_size=e.kid_subset_size, seed=e.seed, memorization=True,
+                                 sample_features=feats)
         row = {"step": step, "epoch": epoch, "source": source, **result.row()}
         if self.probe is not None:
-            row["class_accuracy"] = self.probe.accuracy(self.extractor(samples), self.label_rows)
+            row["class_accuracy"] = self.probe.accuracy(feats, self.label_rows)
             row["probe_held_out_accuracy"] = self.probe.held_out_accuracy
         append_csv_row(self.run.eval_csv, row)
         if self.writer is not None:

@@ -14,7 +14,7 @@ from ..errors import EvalError
 from ..samplers import sample_seeds, sampler_from_config, seeds_by_condition
 from .memorization import flip_images, memorization_report
 from .metrics import fid, kid
-from .probe import Probe, fit_probe
+from .probe import Probe, fit_labels_probe
 
 ALL_ROWS = "(all)"  # the `class` of a sweep point's summary row: every sample against every training image
 
@@ -37,8 +37,7 @@ class ClassReference:
         self.images, self.matrix, self.extractor = np.asarray(images), labels.matrix, extractor
         self.features = extractor(self.images)
         self.flipped = extractor(flip_images(self.images)) if memorization else None
-        self.probe: Probe = fit_probe(self.features, self.matrix, "class" if labels.label_set.mode == "folders"
-                                      else "tags", seed=seed)
+        self.probe: Probe = fit_labels_probe(self.features, labels, seed=seed)
 
     def describe(self) -> str:
         held = self.probe.held_out_accuracy
@@ -99,7 +98,7 @@ def sweep(net, cfg, reference: ClassReference, conditions: list[Condition], *, s
 
 
 def format_sweep(rows: list[dict]) -> str:
-    """The summary rows as a small table: one line per (sampler, guidance), and the worst classes."""
+    """The summary rows as a small table: one line per (sampler, guidance)."""
     lines = [f"  {'sampler':<22} {'guidance':>8} {'class acc':>9} {'KID (all)':>10} {'KID per class':>13}"
              + (f" {'near-copies':>11}" if "near_copy_share" in rows[0] else "")]
     for r in (r for r in rows if r["class"] == ALL_ROWS):

@@ -85,6 +85,11 @@ def held_out_split(matrix, kind: str, seed: int = 0) -> np.ndarray:
     return mask
 
 
+def fit_labels_probe(features, labels, seed: int = 0) -> Probe:
+    """The probe of a training set's Labels (data/labels.py): classes for data.labels: folders, else tags."""
+    return fit_probe(features, labels.matrix, "class" if labels.label_set.mode == "folders" else "tags", seed)
+
+
 def fit_probe(features, matrix, kind: str, seed: int = 0) -> Probe:
     """The probe of (N, D) features of labelled images with multi-hot labels (N, K); unlabelled rows are left
     out. Its held-out accuracy is measured on a split, then it is refitted on every labelled image."""

@@ -233,10 +233,11 @@ class EvalResult:
 def evaluate_images(samples: np.ndarray, reference: Reference, extractor: FeatureExtractor, *,
                     kid_subsets: int = 100, kid_subset_size: int = 1000, seed: int = 0,
                     memorization: bool = False, copy_quantile: float = 0.05,
-                    copy_ratio: float = 0.5) -> EvalResult:
-    """KID and FID of uint8 samples against the reference, plus the memorisation report if asked."""
+                    copy_ratio: float = 0.5, sample_features=None) -> EvalResult:
+    """KID and FID of uint8 samples against the reference, plus the memorisation report if asked
+    (`sample_features`: the samples' features when the caller has them already)."""
     samples = np.asarray(samples)
-    feats = extractor(samples)
+    feats = extractor(samples) if sample_features is None else sample_features
     kid_mean, kid_std = kid(feats, reference.features, subsets=kid_subsets, subset_size=kid_subset_size,
                             seed=seed)
     report = None
