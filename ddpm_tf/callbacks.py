@@ -12,6 +12,7 @@ from . import compat
 from .compat import keras, tf
 from .diffusion import ema_decay_at
 from .errors import TrainingStopped
+from .evaluation import curve
 from .images import atomic_write_bytes, make_grid, save_png, to_uint8
 from .runs import RunDir, append_csv_row, save_weights
 from .summaries import image_summary, scalar_summary
@@ -205,12 +206,16 @@ class Logger(keras.callbacks.Callback):
 
 
 class Checkpointer(keras.callbacks.Callback):
-    """Every N epochs, and wherever training stops cleanly: checkpoint everything, then export the EMA."""
+    """Every N epochs, at every in-training evaluation (`eval_every`, so each evaluated step has its export), and
+    wherever training stops cleanly: checkpoint everything, then export the EMA. The newest `keep` exports are
+    kept, and the one whose samples scored the lowest KID (evaluation/curve.py)."""
 
-    def __init__(self, run: RunDir, manager, state: RunState, every: int, keep: int, ema_net, meta: dict):
+    def __init__(self, run: RunDir, manager, state: RunState, every: int, keep: int, ema_net, meta: dict,
+                 eval_every: int = 0):
         super().__init__()
         self.run, self.manager, self.state = run, manager, state
         self.every, self.keep, self.ema_net, self.meta = every, keep, ema_net, meta
+        self.eval_every = eval_every
         self.last_saved = None
         # Test hook: seconds to pause between the checkpoint and its export, so a test can kill the
         # process in the middle of a save.
@@ -232,12 +237,13 @@ class Checkpointer(keras.callbacks.Callback):
                 f"could not write the checkpoint of step {step} to {self.run.checkpoints} ({exc}). "
                 f"The previous checkpoint ({latest or 'none'}) is intact; free disk space and run the same "
                 f"command to resume.") from None
-        self.run.prune_exports(self.keep)
+        top = curve.best(curve.training_points(self.run.eval_csv))
+        self.run.prune_exports(self.keep, also={top.step} if top else ())
         self.last_saved = (epoch, batch)
         return step
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.state.due(epoch, self.every) is not None:
+        if self.state.due(epoch, self.every) is not None or self.state.due(epoch, self.eval_every) is not None:
             self.save()
 
     def on_train_end(self, logs=None):
@@ -275,16 +281,19 @@ class Preview(keras.callbacks.Callback):
 
 
 class Evaluate(keras.callbacks.Callback):
-    """Every N epochs: KID/FID of the EMA weights' samples (`evaluate(step, epoch)`), shown beside the loss."""
+    """Every N epochs: KID/FID of the EMA weights' samples (`evaluate(step, epoch)`), shown beside the loss with
+    the best step so far (from the run's eval.csv, when `run` is given)."""
 
-    def __init__(self, state: RunState, evaluate, every: int, echo=print):
+    def __init__(self, state: RunState, evaluate, every: int, echo=print, run: RunDir | None = None):
         super().__init__()
-        self.state, self.evaluate, self.every, self.echo = state, evaluate, every, echo
+        self.state, self.evaluate, self.every, self.echo, self.run = state, evaluate, every, echo, run
 
     def on_epoch_end(self, epoch, logs=None):
         completed = self.state.due(epoch, self.every)
         if completed is None:
             return
         result = self.evaluate(int(self.model.optimizer.iterations.numpy()), completed)
-        self.echo(f"epoch {completed}: KID {result.kid_mean:.4f} +- {result.kid_std:.4f}, FID {result.fid:.1f}, "
-                  f"near-copies {100 * result.memorization.share:.1f} %")
+        line = (f"epoch {completed}: KID {result.kid_mean:.4f} +- {result.kid_std:.4f}, FID {result.fid:.1f}, "
+                f"near-copies {100 * result.memorization.share:.1f} %")
+        best_so_far = curve.summary(curve.training_points(self.run.eval_csv)) if self.run is not None else ""
+        self.echo(line + (f"; {best_so_far}" if best_so_far else ""))

@@ -204,6 +204,10 @@ class TrainConfig:
     label_dropout: float = _spec(0.1, lo=0.0, hi=1.0,
                                  help="with labels (data.labels): share of images trained with the null label, "
                                       "the unconditional branch classifier-free guidance needs (Ho & Salimans 2022)")
+    augment_p: float = _spec(0.0, lo=0.0, hi=1.0,
+                             help="non-leaky augmentation (EDM, Karras et al. 2022): the probability of each transform "
+                                  "(x-flip, integer translation, scaling, rotation, anisotropic scaling), given to the "
+                                  "network as conditioning that sampling sets to zero; 0.12-0.15 in EDM (0: off)")
     init_from: str = _spec("", help="a new run starts from another run's EMA weights: `RUN` (its newest export) or "
                                     "`RUN@STEP`; fresh optimizer and step counter, the same network required")
     eval_every: int = _spec(0, lo=0, help="KID/FID/near-copies (the `eval` section's settings) every N epochs, "

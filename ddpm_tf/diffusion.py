@@ -1,14 +1,15 @@
 """The trainable diffusion model: a `keras.Model` whose `train_step` does the (weighted) MSE of the
 configured prediction (eps, v or x0) and EMA, and the optimizer it is compiled with. A network with labels
 is trained on (images, labels) batches with label dropout, which trains the unconditional branch that
-classifier-free guidance needs in the same network (Ho & Salimans 2022, Algorithm 1)."""
+classifier-free guidance needs in the same network (Ho & Salimans 2022, Algorithm 1). A network with augmentation
+conditioning is trained on (images, labels, augmentation vectors) batches (data/augment.py)."""
 
 from __future__ import annotations
 
 from . import compat
 from .compat import keras, tf
 from .schedule import extract, loss_weight, prediction_target
-from .unet import num_labels_of
+from .unet import network_inputs, num_labels_of
 
 
 def ema_decay_at(step, decay: float, warmup: bool):
@@ -58,21 +59,19 @@ class DiffusionModel(keras.Model):
         keep = self.rng.uniform([tf.shape(labels)[0]], 0.0, 1.0, dtype=tf.float32) >= self.label_dropout
         return labels * tf.cast(keep, labels.dtype)[:, None]
 
-    def diffusion_loss(self, x0, labels=None, training: bool = True, t=None, eps=None):
+    def diffusion_loss(self, x0, labels=None, training: bool = True, t=None, eps=None, augment=None):
         """Draw t ~ U{0..T-1} and eps ~ N(0, I) (unless given); return the weighted MSE of the prediction.
 
         With eps and no weighting this is Eq. 14 of Ho et al. 2020 (L_simple). A network with labels gets
-        `labels` (B, K) as they are (the caller drops them for classifier-free guidance).
+        `labels` (B, K) as they are (the caller drops them for classifier-free guidance), a network with
+        augmentation conditioning `augment` (B, DIM); either is zero when not given.
         """
         if t is None:
             t = self.rng.uniform([tf.shape(x0)[0]], 0, self.schedule.timesteps, dtype=tf.int32)
         if eps is None:
             eps = self.rng.normal(tf.shape(x0), dtype=tf.float32)
         x_t = self.schedule.q_sample(x0, t, eps)
-        inputs = [x_t, t]
-        if self.num_labels:
-            inputs.append(tf.zeros([tf.shape(x0)[0], self.num_labels]) if labels is None else labels)
-        pred = self.net(inputs, training=training)
+        pred = self.net(network_inputs(self.net, x_t, t, labels, augment), training=training)
         sqrt_alpha_bar = extract(self.schedule.sqrt_alpha_bar, t)
         sigma = extract(self.schedule.sqrt_one_minus_alpha_bar, t)
         target = prediction_target(self.prediction, x0, eps, sqrt_alpha_bar, sigma)
@@ -81,13 +80,16 @@ class DiffusionModel(keras.Model):
         return tf.reduce_mean(weights * per_example)
 
     def train_step(self, data):
-        x0, labels = data if isinstance(data, (tuple, list)) else (data, None)
+        # A batch is x0, (x0, labels) or (x0, labels, augment) with labels (B, 0) on a run without any.
+        batch = tuple(data) if isinstance(data, (tuple, list)) else (data,)
+        x0, labels, augment = batch + (None,) * (3 - len(batch))
         x0 = tf.cast(x0, tf.float32)
-        if labels is not None and self.num_labels:  # drawn before t and eps: an unlabelled run's stream is unchanged
+        labels = labels if self.num_labels else None
+        if labels is not None:  # drawn before t and eps: an unlabelled run's stream is unchanged
             labels = self.drop_labels(tf.cast(labels, tf.float32))
         variables = self.net.trainable_variables
-        loss, grads, scale = compat.loss_scaled_gradients(self.optimizer, lambda: self.diffusion_loss(x0, labels),
-                                                          variables)
+        loss, grads, scale = compat.loss_scaled_gradients(
+            self.optimizer, lambda: self.diffusion_loss(x0, labels, augment=augment), variables)
         if self.grad_clip > 0:
             # The gradients may still carry the loss scale (Keras 3): clipping at clip * scale is the same
             # as unscaling, clipping and rescaling. A non-finite norm stays non-finite, so the loss
@@ -134,7 +136,8 @@ def make_optimizer(train_cfg):
 
 def build_diffusion_model(cfg, seed: int, num_labels: int = 0):
     """Network, EMA copy and compiled DiffusionModel for a config, in its precision (with `num_labels` labels
-    when the data has them); returns (model, xla)."""
+    when the data has them, and augmentation conditioning when train.augment_p is on); returns (model, xla)."""
+    from .data.augment import network_dim
     from .precision import apply_policy, use_xla
     from .schedule import Schedule
     from .unet import build_unet
@@ -142,8 +145,9 @@ def build_diffusion_model(cfg, seed: int, num_labels: int = 0):
     apply_policy(cfg.train.precision)
     keras.utils.set_random_seed(seed)
     size, channels = cfg.data.image_size, cfg.data.channels
-    net = build_unet(cfg.model, size, channels, name="unet", num_labels=num_labels)
-    ema_net = build_unet(cfg.model, size, channels, name="ema_unet", num_labels=num_labels)
+    augment_dim = network_dim(cfg.train.augment_p)
+    net = build_unet(cfg.model, size, channels, name="unet", num_labels=num_labels, augment_dim=augment_dim)
+    ema_net = build_unet(cfg.model, size, channels, name="ema_unet", num_labels=num_labels, augment_dim=augment_dim)
     model = DiffusionModel(net, ema_net, Schedule.from_config(cfg.diffusion), cfg.train, cfg.diffusion.prediction)
     xla = use_xla(cfg.train.jit_compile)
     model.compile(optimizer=make_optimizer(cfg.train), **compat.compile_kwargs(xla))

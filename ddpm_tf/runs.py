@@ -72,6 +72,7 @@ class RunDir:
         self.metrics_csv = self.path / "metrics.csv"
         self.eval_csv = self.path / "eval.csv"
         self.eval_dir = self.path / "eval"
+        self.eval_curve = self.eval_dir / "curve.png"
         self.tensorboard = self.path / "tensorboard"
 
     # --- what is this tool's -----------------------------------------------------------------------
@@ -82,7 +83,7 @@ class RunDir:
             self.checkpoints: re.compile(r"^(checkpoint|written_by\.yaml|ckpt-\d+\.(index|data-\d+-of-\d+))$"),
             self.exports: EXPORT_RE,
             self.previews: re.compile(r"^(latest\.png|preview-epoch\d+-step\d+\.png)$"),
-            self.eval_dir: re.compile(r"^(samples|closest-pairs)-.+\.png$|^memorization-.+\.csv$"),
+            self.eval_dir: re.compile(r"^(samples|closest-pairs)-.+\.png$|^memorization-.+\.csv$|^curve\.png$"),
             self.tensorboard: re.compile(r"^events\.out\.tfevents\..+"),
         }
 
@@ -254,11 +255,12 @@ class RunDir:
                            + ", ".join(str(s) for s in sorted(exports)))
         return step, exports[step]
 
-    def prune_exports(self, keep: int) -> None:
-        """Delete all but the newest `keep` exports."""
+    def prune_exports(self, keep: int, also=()) -> None:
+        """Delete all but the newest `keep` exports and those at the steps `also` (the best evaluated one)."""
         exports = self.export_paths()
         for step in sorted(exports)[:-keep]:
-            exports[step].unlink(missing_ok=True)
+            if step not in also:
+                exports[step].unlink(missing_ok=True)
 
 
 
@@ -347,6 +349,7 @@ def load_run(run_dir: Path | None, runs_root: Path, checkpoint: int | None = Non
 
     The network is built in the precision the run trained in, with the labels its export records (a run
     with labels: its classes or tags), and the weights exported at `checkpoint` (the newest by default)."""
+    from .data.augment import network_dim
     from .precision import apply_policy
     from .unet import build_unet
 
@@ -357,7 +360,8 @@ def load_run(run_dir: Path | None, runs_root: Path, checkpoint: int | None = Non
     try:
         label_set = export_labels(export)
         net = build_unet(cfg.model, cfg.data.image_size, cfg.data.channels, name="ema_unet",
-                         num_labels=len(label_set) if label_set else 0)
+                         num_labels=len(label_set) if label_set else 0,
+                         augment_dim=network_dim(cfg.train.augment_p))
         load_weights(net, export)
     except RunError as exc:
         others = sorted(s for s in run.export_paths() if s != step)

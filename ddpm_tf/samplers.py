@@ -43,22 +43,23 @@ def guide(cond, uncond, guidance: float):
 def guided_denoiser(net, guidance: float = 1.0):
     """denoise(x_t, t, labels) of `net`: for a network with labels, the guided prediction for (B, K) multi-hot
     `labels` (all zero: the null label, unconditional); the conditional and unconditional branches run as one
-    batch of 2B. A network without labels ignores `labels`."""
+    batch of 2B. A network without labels ignores `labels`; augmentation conditioning is always zero (sampling
+    is never augmented)."""
     from .compat import tf
-    from .unet import num_labels_of
+    from .unet import network_inputs, num_labels_of
 
-    if not num_labels_of(net):
-        return lambda x, t, labels: net([x, t], training=False)
+    def call(x, t, labels=None):
+        return net(network_inputs(net, x, t, labels), training=False)
+
+    if not num_labels_of(net) or guidance == 0.0:  # no labels given = the null label, unconditional
+        return lambda x, t, labels: call(x, t)
     if guidance == 1.0:  # one branch suffices: W = 1 is the conditional prediction itself
-        return lambda x, t, labels: net([x, t, labels], training=False)
-    if guidance == 0.0:
-        return lambda x, t, labels: net([x, t, tf.zeros_like(labels)], training=False)
+        return call
 
     def denoise(x, t, labels):
         b = tf.shape(x)[0]
-        out = net([tf.concat([x, x], 0), tf.concat([t, t], 0), tf.concat([labels, tf.zeros_like(labels)], 0)],
-                  training=False)
-        out = tf.cast(out, tf.float32)
+        both = call(tf.concat([x, x], 0), tf.concat([t, t], 0), tf.concat([labels, tf.zeros_like(labels)], 0))
+        out = tf.cast(both, tf.float32)
         return guide(out[:b], out[b:], guidance)
 
     return denoise

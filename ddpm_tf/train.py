@@ -25,6 +25,7 @@ from .callbacks import (
 )
 from .compat import tf
 from .config import to_dict
+from .data import augment
 from .data.pipeline import make_dataset
 from .data.prepare import prepare
 from .diffusion import build_diffusion_model
@@ -41,6 +42,11 @@ _FROZEN_KEYS = ("model", "diffusion", "data.image_size", "data.channels", "train
 def _check_resume_compatible(saved, cfg, run: RunDir) -> None:
     """Refuse to resume a run whose network or process differs from the new config."""
     old, new = to_dict(saved), to_dict(cfg)
+    if (saved.train.augment_p > 0) != (cfg.train.augment_p > 0):  # the conditioning is an input of the network
+        raise ConfigError(
+            f"{run.config_path}: train.augment_p was {saved.train.augment_p:g} in this run, the new config says "
+            f"{cfg.train.augment_p:g}, and turning augmentation on or off changes the network; pass --restart to "
+            "start the run over, set run.dir to a new folder, or start a new run from this one with --init-from")
     for key in _FROZEN_KEYS:
         section, _, name = key.partition(".")
         for k in [name] if name else list(new[section]):
@@ -244,6 +250,9 @@ def _load_data(cfg, echo):
         ls = labels.label_set
         echo(f"labels: {len(ls)} {'classes' if ls.mode == 'folders' else 'tags'} ({cfg.data.labels}), "
              f"{labels.unlabelled()} unlabelled images, label dropout {cfg.train.label_dropout:g} for guidance")
+    if cfg.train.augment_p > 0:
+        echo(f"augmentation: each of x-flip, integer translation, scaling, rotation and anisotropic scaling with "
+             f"probability {cfg.train.augment_p:g}, told to the network ({augment.DIM} values, zero when sampling)")
     return images, labels, state
 
 
@@ -297,7 +306,8 @@ def _callbacks(cfg, run: RunDir, model, manager, meta, images, labels, state: Ru
     callbacks = [Heartbeat(watchdog), StateTracker(state), progress,
                  ProgressFile(run, state, progress, state.steps_per_epoch * cfg.train.epochs),
                  Logger(run, state, progress, writer, cfg.train),
-                 Checkpointer(run, manager, state, cfg.run.checkpoint_every, cfg.run.keep_last, ema_net, meta),
+                 Checkpointer(run, manager, state, cfg.run.checkpoint_every, cfg.run.keep_last, ema_net, meta,
+                              eval_every=cfg.train.eval_every),
                  Preview(run, state, preview_sampler, preview_seeds, (size, size, channels),
                          cfg.run.preview_every, writer, labels=preview_labels, cols=cols)]
     if cfg.train.eval_every:
@@ -305,7 +315,7 @@ def _callbacks(cfg, run: RunDir, model, manager, meta, images, labels, state: Ru
 
         in_memory = images if isinstance(images, np.ndarray) else images.load()  # the features need every image
         callbacks.append(Evaluate(state, TrainingEval(run, cfg, ema_net, in_memory, writer, log, labels),
-                                  cfg.train.eval_every, echo))
+                                  cfg.train.eval_every, echo, run))
     return callbacks, watchdog
 
 
@@ -315,12 +325,13 @@ def _fit(cfg, model, images, labels, state: RunState, callbacks) -> None:
     matrix = labels.matrix if labels is not None else None
     if batch:
         ds = make_dataset(images, cfg.train.batch_size, cfg.train.seed, epoch, cfg.data.flip, skip=batch,
-                          labels=matrix)
+                          labels=matrix, augment_p=cfg.train.augment_p)
         model.fit(ds, epochs=epoch + 1, initial_epoch=epoch, steps_per_epoch=state.steps_per_epoch - batch,
                   callbacks=callbacks, verbose=0, shuffle=False)
     epoch, batch = state.position()
     if not batch and epoch < cfg.train.epochs and not (state.interrupt or state.nonfinite_step):
-        ds = make_dataset(images, cfg.train.batch_size, cfg.train.seed, epoch, cfg.data.flip, labels=matrix)
+        ds = make_dataset(images, cfg.train.batch_size, cfg.train.seed, epoch, cfg.data.flip, labels=matrix,
+                          augment_p=cfg.train.augment_p)
         model.fit(ds, epochs=cfg.train.epochs, initial_epoch=epoch, steps_per_epoch=state.steps_per_epoch,
                   callbacks=callbacks, verbose=0, shuffle=False)
 

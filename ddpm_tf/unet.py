@@ -10,6 +10,10 @@ A run with labels (classes or tags) adds a third input, a (B, K) multi-hot vecto
 to the time embedding (as diffusers' class embedding and guided-diffusion's label_emb are); an all-zero
 vector is the null label of classifier-free guidance. Without labels the network is exactly the unlabelled
 one: same inputs, layers and parameter count.
+
+A run with non-leaky augmentation (data/augment.py) adds a last input, the (B, augment.DIM) vector of the
+transform an image went through, mapped by a bias-free linear layer onto the sinusoidal time embedding (EDM's
+map_augment, here starting at zero); sampling feeds zeros, which add nothing. `network_inputs` builds the input list for any of them.
 """
 
 from __future__ import annotations
@@ -262,9 +266,11 @@ def _attn_block(x, cfg, name: str):
     return layers.Add(name=f"{name}_add")([x, h])
 
 
-def build_unet(model_cfg, image_size: int, channels: int, name: str = "unet", num_labels: int = 0) -> keras.Model:
+def build_unet(model_cfg, image_size: int, channels: int, name: str = "unet", num_labels: int = 0,
+               augment_dim: int = 0) -> keras.Model:
     """The U-Net a `ModelConfig` describes, for square images of `image_size` with `channels` channels;
-    with `num_labels` > 0 it takes a third input, (B, num_labels) multi-hot labels (all zero: unconditional)."""
+    with `num_labels` > 0 it takes (B, num_labels) multi-hot labels (all zero: unconditional) after t, with
+    `augment_dim` > 0 (B, augment_dim) augmentation conditioning last (all zero: not augmented)."""
     cfg = model_cfg
     widths = [cfg.base_channels * m for m in cfg.channel_mult]
     attn = [image_size // 2**i in cfg.attention_resolutions for i in range(len(widths))]
@@ -274,12 +280,20 @@ def build_unet(model_cfg, image_size: int, channels: int, name: str = "unet", nu
     t = keras.Input(shape=(), dtype="int32", name="t")
 
     temb = TimeEmbedding(temb_dim, name="temb_sinusoid")(t)
-    temb = layers.Dense(temb_dim, activation="swish", kernel_initializer=_init(), name="temb_dense1")(temb)
-    temb = layers.Dense(temb_dim, kernel_initializer=_init(), name="temb_dense2")(temb)
     inputs = [x_t, t]
     if num_labels:
         labels = keras.Input(shape=(num_labels,), dtype="float32", name="labels")
         inputs.append(labels)
+    if augment_dim:
+        augment = keras.Input(shape=(augment_dim,), dtype="float32", name="augment")
+        inputs.append(augment)
+        # Zero at first, so the augmented network starts as the plain one (and draws no initial values of its own:
+        # with the same seed every other weight equals the plain network's).
+        aug_emb = layers.Dense(temb_dim, use_bias=False, kernel_initializer="zeros", name="augment_emb")(augment)
+        temb = layers.Add(name="temb_add_augment")([temb, aug_emb])
+    temb = layers.Dense(temb_dim, activation="swish", kernel_initializer=_init(), name="temb_dense1")(temb)
+    temb = layers.Dense(temb_dim, kernel_initializer=_init(), name="temb_dense2")(temb)
+    if num_labels:
         label_emb = LabelEmbedding(num_labels, temb_dim, name="label_emb")(labels)
         temb = layers.Add(name="temb_add_labels")([temb, label_emb])
     # Every residual block projects swish(temb); computing the swish once is the same maths.
@@ -324,10 +338,34 @@ def build_unet(model_cfg, image_size: int, channels: int, name: str = "unet", nu
     return keras.Model(inputs, out, name=name)
 
 
+def _layer_or_none(net, name: str):
+    try:
+        return net.get_layer(name)
+    except (AttributeError, ValueError):  # not a Keras model (a test's denoiser), or no such layer
+        return None
+
+
 def num_labels_of(net) -> int:
     """K of a network built with `num_labels` = K labels, 0 for an unlabelled one (or any other denoiser)."""
-    inputs = getattr(net, "inputs", None) or ()
-    return int(inputs[2].shape[-1]) if len(inputs) > 2 else 0
+    layer = _layer_or_none(net, "label_emb")
+    return int(layer.num_labels) if layer is not None else 0
+
+
+def augment_dim_of(net) -> int:
+    """Width of a network's augmentation conditioning input, 0 for a network without one."""
+    layer = _layer_or_none(net, "augment_emb")
+    return int(layer.kernel.shape[0]) if layer is not None else 0
+
+
+def network_inputs(net, x_t, t, labels=None, augment=None) -> list:
+    """The input list of `net` for a batch: labels (all zero when not given: the null label) if it takes them,
+    then augmentation conditioning (all zero when not given: not augmented, as in sampling) if it takes it."""
+    inputs = [x_t, t]
+    batch = tf.shape(x_t)[0]
+    for width, given in ((num_labels_of(net), labels), (augment_dim_of(net), augment)):
+        if width:
+            inputs.append(tf.zeros([batch, width]) if given is None else given)
+    return inputs
 
 
 def forward_flops(model_cfg, image_size: int, channels: int) -> float:

@@ -1,6 +1,7 @@
 """`ddpm train --init-from RUN[@STEP]` (`train.init_from`): a new run's first weights are another run's EMA export
 (only read), with a fresh optimizer and step counter. The network shape must be the same; the label embedding
-may differ (other classes or tags, or none), and is then initialised fresh.
+may differ (other classes or tags, or none), and is then initialised fresh, and so may the augmentation
+embedding (train.augment_p on in one run only), which then starts at zero.
 """
 
 from __future__ import annotations
@@ -11,7 +12,17 @@ from pathlib import Path
 from .errors import ConfigError, RunError
 from .runs import RunDir, read_export
 
-LABEL_PREFIX = "label_emb/"  # the weights of unet.LabelEmbedding: the one part allowed to differ
+# The parts of the network allowed to differ, by weight-name prefix: (what it is, why it is fresh, why left out).
+OPTIONAL = {
+    "label_emb/": ("the label embedding", "starts fresh: this run's labels are not the source's",
+                   "is left out: this run has no labels"),
+    "augment_emb/": ("the augmentation embedding", "starts at zero: the source trained without augmentation",
+                     "is left out: this run trains without augmentation"),
+}
+
+
+def _optional(key: str) -> str | None:
+    return next((prefix for prefix in OPTIONAL if key.startswith(prefix)), None)
 
 
 @dataclass(frozen=True)
@@ -47,12 +58,12 @@ def _layer(key: str) -> str:
 
 def warm_start(models, source: Source) -> str | None:
     """Assign the source's weights to every model in `models` (the network and its EMA copy); returns a note
-    when the label embedding could not come from the source. ConfigError naming the first layer that does not
-    match."""
+    when an optional part (label or augmentation embedding) could not come from the source or was left out.
+    ConfigError naming the first layer that does not match."""
     from .compat import variable_key
 
     arrays, _ = read_export(source.path)
-    fresh_labels = False
+    fresh = set()
     for model in models:
         keys = set()
         for v in model.weights:
@@ -61,19 +72,18 @@ def warm_start(models, source: Source) -> str | None:
             have = arrays.get(key)
             if have is not None and tuple(have.shape) == tuple(v.shape):
                 v.assign(have)
-            elif key.startswith(LABEL_PREFIX):
-                fresh_labels = True
+            elif _optional(key):
+                fresh.add(_optional(key))
             else:
                 there = "is missing there" if have is None else f"is {tuple(have.shape)} there"
                 raise ConfigError(f"train.init_from {source.text}: layer {_layer(key)} ({key.rsplit('/', 1)[1]} "
                                   f"{tuple(v.shape)} here) {there}: the same network (model.* and data.channels) "
                                   "is required")
-        extra = sorted(k for k in arrays if k not in keys and not k.startswith(LABEL_PREFIX))
+        extra = sorted(k for k in arrays if k not in keys and not _optional(k))
         if extra:
             raise ConfigError(f"train.init_from {source.text}: layer {_layer(extra[0])} is there but not in this "
                               "network: the same network (model.* and data.channels) is required")
-    if fresh_labels:
-        return "the label embedding starts fresh: this run's labels are not the source's"
-    if any(k.startswith(LABEL_PREFIX) for k in arrays) and not any(k.startswith(LABEL_PREFIX) for k in keys):
-        return "the source's label embedding is left out: this run has no labels"
-    return None
+    left_out = {_optional(k) for k in arrays if _optional(k)} - {_optional(k) for k in keys if _optional(k)}
+    notes = [f"{OPTIONAL[p][0]} {OPTIONAL[p][1]}" for p in OPTIONAL if p in fresh]
+    notes += [f"the source's {OPTIONAL[p][0][4:]} {OPTIONAL[p][2]}" for p in OPTIONAL if p in left_out]
+    return "; ".join(notes) or None

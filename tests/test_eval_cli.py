@@ -101,6 +101,51 @@ def test_train_eval_every_appends_a_row_per_epoch(tiny_project, features_file):
     assert "epoch 2: KID" in result.output
 
 
+def test_the_memorisation_curve_is_drawn_and_the_best_export_kept(tiny_project, features_file):
+    """train.eval_every: every evaluated step gets its export (checkpoint_every is not a divisor here), the one
+    with the lowest KID outlives keep_last, RUN/eval/curve.png is redrawn, the log names the best step."""
+    from ddpm_tf.runs import RunDir
+
+    cfg_path, run_dir = tiny_project
+    overrides = ["--set", "train.eval_every=1", "--set", "train.epochs=3", "--set", "run.checkpoint_every=5",
+                 "--set", "run.keep_last=1", "--set", f"eval.features={features_file}", "--set", "eval.n=4",
+                 "--set", "eval.steps=3"]
+    result = invoke("train", "--config", cfg_path, *overrides)
+    assert result.exit_code == 0, result.output
+    table = rows(run_dir / "eval.csv")
+    steps = [int(r["step"]) for r in table]
+    assert steps == [2, 4, 6]
+    kid = {int(r["step"]): float(r["kid_mean"]) for r in table}
+    best_of_first_two = min((2, 4), key=lambda s: (kid[s], s))  # what the last save knew
+    assert sorted(RunDir(run_dir).export_paths()) == sorted({best_of_first_two, 6})
+    best = min(steps, key=lambda s: (kid[s], s))
+    assert f"lowest KID so far at step {best} ({kid[best]:.4f})" in result.output
+    with Image.open(run_dir / "eval" / "curve.png") as im:
+        assert im.size == (640, 488) and im.mode == "RGB"
+        pixels = np.asarray(im)
+    assert (np.all(pixels == (31, 119, 180), axis=-1)).sum() > 50  # the KID line and points
+    assert (np.all(pixels == (44, 160, 44), axis=-1)).sum() > 100  # the best step marked in both panels
+
+
+def test_curve_points_from_eval_csv(tmp_path):
+    from ddpm_tf.evaluation import curve
+    from ddpm_tf.runs import append_csv_row
+
+    path = tmp_path / "eval.csv"
+    for row in [{"step": 100, "epoch": 1, "kid_mean": 0.5, "kid_std": 0.1, "near_copy_share": 0},
+                {"step": 200, "epoch": "", "kid_mean": 0.01, "kid_std": 0.1, "near_copy_share": 0},  # `ddpm eval`
+                {"step": 200, "epoch": 2, "kid_mean": 0.2, "kid_std": 0.05, "near_copy_share": 0.0},
+                {"step": 300, "epoch": 3, "kid_mean": "nan?", "kid_std": 0, "near_copy_share": 0},  # unreadable
+                {"step": 400, "epoch": 4, "kid_mean": 0.3, "kid_std": 0.05, "near_copy_share": 0.25},
+                {"step": 100, "epoch": 1, "kid_mean": 0.4, "kid_std": 0.1, "near_copy_share": 0}]:  # re-evaluated
+        append_csv_row(path, row)
+    points = curve.training_points(path)
+    assert [(p.step, p.kid, p.near_copies) for p in points] == [(100, 0.4, 0), (200, 0.2, 0), (400, 0.3, 0.25)]
+    assert curve.best(points).step == 200 and curve.best([]) is None
+    assert curve.summary(points) == "lowest KID so far at step 200 (0.2000); near-copies since step 400"
+    assert curve.training_points(tmp_path / "missing.csv") == []
+
+
 def test_train_eval_every_without_features_stops_before_training(tmp_path):
     images = tmp_path / "images"
     write_images(images, 6)

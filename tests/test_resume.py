@@ -201,3 +201,40 @@ def test_partial_files_are_removed(project):
     removed = run.remove_partial_files()
     assert len(removed) == 3 and (run.exports / "ema-00000005.npz").exists()
     assert not (run.checkpoints / "ckpt-7_temp").exists()
+
+
+def test_a_resumed_run_with_augmentation_equals_an_uninterrupted_one(project):
+    """train.augment_p: the transforms and their conditioning are a function of (seed, epoch, index), so a run
+    stopped mid-epoch and resumed ends bit-identical to one that never stopped (train.deterministic)."""
+    cfg, run = project("augmented", train={"augment_p": 0.5, "epochs": 3})
+    proc = start(cfg)
+    wait_for(lambda: len(run.export_paths()) >= 1, proc)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out
+    assert "augmentation: each of x-flip" in out
+    stopped_at = latest_step(run)
+    assert 0 < stopped_at < 45
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = subprocess.run([sys.executable, "-m", "ddpm_tf.cli", "train", "--config", str(cfg)],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and f"from step {stopped_at}" in result.stdout, result.stdout + result.stderr
+    ref_cfg, ref_run = project("augmented-uninterrupted", train={"augment_p": 0.5, "epochs": 3})
+    result = subprocess.run([sys.executable, "-m", "ddpm_tf.cli", "train", "--config", str(ref_cfg)],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    with np.load(run.export_paths()[45]) as a, np.load(ref_run.export_paths()[45]) as b:
+        keys = [k for k in a.files if k != "__meta__"]
+        assert "augment_emb/kernel" in keys and np.abs(a["augment_emb/kernel"]).max() > 0  # it learned
+        assert sorted(keys) == sorted(k for k in b.files if k != "__meta__")
+        for k in keys:
+            assert np.array_equal(a[k], b[k]), k
+    # Turning augmentation off changes the network: refused with the key named, nothing written.
+    before = sorted(p.name for p in run.checkpoints.iterdir())
+    off = project("augmented", train={"augment_p": 0.0, "epochs": 4})[0]
+    result = subprocess.run([sys.executable, "-m", "ddpm_tf.cli", "train", "--config", str(off)],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "train.augment_p was 0.5 in this run, the new config says 0" in result.stderr
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == before

@@ -116,6 +116,34 @@ def test_other_labels_get_a_fresh_label_embedding(source):
     assert all(np.array_equal(v.numpy(), arrays[variable_key(v)]) for v in shared)
 
 
+def test_turning_augmentation_on_starts_its_embedding_at_zero_and_off_leaves_it_out(source):
+    root, run = source
+    messages = []
+    model, _, _ = build(new_config(root, run, "aug", train={"augment_p": 0.15}), echo=messages.append)
+    assert messages[-1].endswith("; the augmentation embedding starts at zero: the source trained without "
+                                 "augmentation")
+    arrays, _ = read_export(run.latest_export()[1])
+    for v in model.net.weights:
+        want = np.zeros(v.shape) if variable_key(v) == "augment_emb/kernel" else arrays[variable_key(v)]
+        np.testing.assert_array_equal(v.numpy(), want)
+    # Back: an augmented source into a plain run (a saved export of the run just built).
+    from ddpm_tf.callbacks import export_ema
+
+    aug_cfg = new_config(root, run, "aug", train={"augment_p": 0.15})
+    aug_run = RunDir(aug_cfg.run.dir)
+    aug_run.path.mkdir(parents=True, exist_ok=True)
+    aug_run.save_config(aug_cfg)
+    kernel = model.net.get_layer("augment_emb").kernel
+    kernel.assign(np.ones(kernel.shape, np.float32))
+    export_ema(aug_run, model.net, 7, {"config": {}})
+    messages = []
+    plain = {"run": {"dir": str(root / "runs" / "plain-again")}, "data": {"dir": str(root / "images")},
+             "train": {"init_from": f"{aug_run.path}@7"}}
+    build(load_config(write_config(root / "plain-again.yaml", plain)), echo=messages.append)
+    assert messages[-1].endswith("; the source's augmentation embedding is left out: this run trains without "
+                                 "augmentation")
+
+
 def test_sources_that_are_not_usable_are_named(source, tmp_path):
     from ddpm_tf.warm_start import find_source
 

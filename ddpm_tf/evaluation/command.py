@@ -19,6 +19,7 @@ from ..runs import RunDir, append_csv_row, load_run
 from ..samplers import sample_seeds, sampler_from_config
 from ..seeds import check_seed_range
 from ..summaries import scalar_summary
+from . import curve
 from .memorization import save_pairs_png
 from .per_class import ALL_ROWS, ClassReference, format_sweep, sampler_tag, sweep
 from .probe import fit_labels_probe
@@ -203,7 +204,8 @@ def format_result(result, step: int, source: str, run_path: Path, pairs: Path | 
 
 
 class TrainingEval:
-    """The small eval `train.eval_every` runs: fixed seeds, the eval section's sampler, near-copy share too;
+    """The small eval `train.eval_every` runs: fixed seeds, the eval section's sampler, near-copy share too, and
+    the memorisation curve RUN/eval/curve.png redrawn (evaluation/curve.py);
     on a run with labels the samples are spread over the classes (or tags), at sample.guidance, and their class
     accuracy is scored by the probe of the per-class eval.
 
@@ -234,6 +236,8 @@ class TrainingEval:
             row["class_accuracy"] = self.probe.accuracy(feats, self.label_rows)
             row["probe_held_out_accuracy"] = self.probe.held_out_accuracy
         append_csv_row(self.run.eval_csv, row)
+        self.run.eval_dir.mkdir(parents=True, exist_ok=True)
+        curve.draw(curve.training_points(self.run.eval_csv), self.run.eval_curve)
         if self.writer is not None:
             write_tensorboard(self.writer, result, step)
             if self.probe is not None:
