@@ -63,6 +63,7 @@ class _StepTimer(keras.callbacks.Callback):
 def run_bench(cfg, *, batch_size: int, steps: int = 4, warmup: int = 2, sample_n: int = 16,
               sample_steps: int = 10, echo=print) -> dict:
     """Time `steps` train steps and `sample_steps` sampler steps of the network `cfg` describes."""
+    from .data.pipeline import make_dataset
     from .diffusion import build_diffusion_model
     from .samplers import Sampler
     from .unet import forward_flops
@@ -72,10 +73,10 @@ def run_bench(cfg, *, batch_size: int, steps: int = 4, warmup: int = 2, sample_n
     net, ema_net, schedule = model.net, model.ema_net, model.schedule
 
     rng = np.random.default_rng(0)
-    data = rng.uniform(-1, 1, (batch_size * 4, size, size, channels)).astype(np.float32)
-    # An endless dataset, as in real training (ddpm train never reaches the end of a dataset); the clock
-    # runs from the first timed step's start to the last one's end, inside one fit().
-    ds = tf.data.Dataset.from_tensor_slices(data).batch(batch_size, drop_remainder=True).repeat()
+    images = rng.integers(0, 256, (batch_size * 4, size, size, channels), dtype=np.uint8)
+    # Training's own endless input pipeline (flips, augmentation) over random images; the clock runs from the
+    # first timed step's start to the last one's end, inside one fit().
+    ds = make_dataset(images, batch_size, seed=0, flip=cfg.data.flip, augment_p=cfg.train.augment_p)
     timer = _StepTimer(warmup)
     model.fit(ds, epochs=1, steps_per_epoch=warmup + steps, verbose=0, shuffle=False, callbacks=[timer])
     train_ips = batch_size * steps / timer.seconds()
@@ -93,6 +94,7 @@ def run_bench(cfg, *, batch_size: int, steps: int = 4, warmup: int = 2, sample_n
     result = {
         "impl": "ddpm_tf", "tf": compat.TF_VERSION, "keras": compat.KERAS_VERSION, "device": device_name(),
         "precision": cfg.train.precision, "xla": xla, "image_size": size, "batch": batch_size,
+        "augment_p": cfg.train.augment_p,
         "params": int(net.count_params()), "forward_gflop_per_image": round(gflop, 4),
         "train_img_per_s": train_ips, "sample_evals_per_s": sample_n * sample_steps / sample_s,
         "sample_s_per_step": sample_s / sample_steps,
@@ -111,6 +113,7 @@ def format_table(result: dict) -> str:
         ("device", result["device"]),
         ("precision, XLA", f"{result['precision']}, {'on' if result['xla'] else 'off'}"),
         ("image size, batch", f"{result['image_size']}, {result['batch']}"),
+        ("augmentation p", f"{result.get('augment_p', 0):g}"),
         ("parameters", f"{result['params']:,}"),
         ("forward GFLOP / image", f"{result['forward_gflop_per_image']:.3f}"),
         ("train images / s", f"{result['train_img_per_s']:.1f}"),

@@ -434,7 +434,8 @@ def ui(runs_root, configs_root, port, listen, auth, auth_file):
 Examples:
   ddpm bench                                     # configs/bench32.yaml, float32
   ddpm bench --precision mixed_bfloat16 --jit-compile false
-  ddpm bench --config configs/portrait64.yaml --batch-size 64""")
+  ddpm bench --config configs/portrait64.yaml --batch-size 64
+  ddpm bench --set train.augment_p=0.15             # with non-leaky augmentation""")
 @click.option("--config", "-c", "config_path", type=click.Path(path_type=Path, dir_okay=False),
               default=Path("configs/bench32.yaml"), help="Config whose network is measured.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None,
@@ -446,7 +447,9 @@ Examples:
 @click.option("--sample-n", type=click.IntRange(1), default=16, help="Images per sampler batch.")
 @click.option("--sample-steps", type=click.IntRange(1), default=10, help="Timed sampler steps.")
 @click.option("--json-only", is_flag=True, help="Print only the JSON line.")
-def bench(config_path, precision, jit_compile, batch_size, steps, sample_n, sample_steps, json_only):
+@click.option("--set", "extra", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override one config value (repeatable), e.g. train.augment_p=0.15.")
+def bench(config_path, precision, jit_compile, batch_size, steps, sample_n, sample_steps, json_only, extra):
     """Measure train images/s and sampler network evaluations/s of a configured network.
 
     Prints one JSON line and a readable table. Compare ratios within one session only: absolute
@@ -454,7 +457,7 @@ def bench(config_path, precision, jit_compile, batch_size, steps, sample_n, samp
     """
     from .config import load_config
 
-    overrides = []
+    overrides = list(extra)
     if precision:
         overrides.append(f"train.precision={precision}")
     if jit_compile:

@@ -196,3 +196,29 @@ def test_sampling_passes_zeros_and_the_network_starts_as_the_plain_one(num_label
         if guidance == 1.0 or not num_labels:
             np.testing.assert_allclose(got, zeros, atol=1e-5)
     assert len(network_inputs(net, x, t)) == 3 + bool(num_labels)
+
+
+def test_bench_measures_the_augmented_pipeline(tmp_path):
+    """`ddpm bench --set train.augment_p=P` times training's own input pipeline with the augmentation on."""
+    import json
+
+    from click.testing import CliRunner
+    from conftest import write_config
+
+    from ddpm_tf.cli import main
+
+    cfg = write_config(tmp_path / "b.yaml", {"run": {"dir": str(tmp_path / "runs" / "b")},
+                                             "data": {"dir": str(tmp_path / "none"), "image_size": 16}})
+    results = {}
+    for p in ("0", "0.15"):
+        out = CliRunner().invoke(main, ["bench", "--config", str(cfg), "--set", f"train.augment_p={p}", "--json-only",
+                                        "--steps", "2", "--sample-steps", "1", "--sample-n", "2"],
+                                 catch_exceptions=False)
+        assert out.exit_code == 0, out.output
+        results[p] = json.loads(out.output.strip().splitlines()[-1])
+    assert results["0.15"]["augment_p"] == 0.15 and results["0"]["augment_p"] == 0
+    temb = 16 * 4  # conftest's base_channels x 4
+    assert results["0.15"]["params"] - results["0"]["params"] == augment.DIM * temb
+    assert all(math.isfinite(r["train_img_per_s"]) and r["train_img_per_s"] > 0 for r in results.values())
+    bad = CliRunner().invoke(main, ["bench", "--config", str(cfg), "--set", "train.augment_p=2"])
+    assert bad.exit_code == 2 and "train.augment_p" in bad.output and "Traceback" not in bad.output
