@@ -111,6 +111,14 @@ def loss_scale_optimizer(optimizer):
     return keras.mixed_precision.LossScaleOptimizer(optimizer)
 
 
+def current_loss_scale(optimizer):
+    """The factor the gradients of loss_scaled_gradients carry: Keras 3's current loss scale (a tensor, graph-safe),
+    1.0 on Keras 2 (unscaled there) and without loss scaling."""
+    if KERAS3 and isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer):
+        return optimizer.scale_loss(tf.constant(1.0))  # the scale, also before the optimizer is built
+    return 1.0
+
+
 def loss_scaled_gradients(optimizer, loss_fn, variables):
     """(loss, gradients, scale) for `optimizer.apply_gradients`: the gradients of `loss_fn()` under the
     optimizer's dynamic loss scaling, and the factor they still carry.
@@ -128,11 +136,9 @@ def loss_scaled_gradients(optimizer, loss_fn, variables):
         else:
             scaled = optimizer.get_scaled_loss(loss)
     grads = tape.gradient(scaled, variables)
-    if not scaling:
-        return loss, grads, 1.0
-    if KERAS3:
-        return loss, grads, optimizer.scale_loss(tf.constant(1.0))  # the scale, also before the optimizer is built
-    return loss, optimizer.get_unscaled_gradients(grads), 1.0
+    if scaling and not KERAS3:
+        grads = optimizer.get_unscaled_gradients(grads)
+    return loss, grads, current_loss_scale(optimizer)
 
 
 def loss_scale(optimizer) -> float:

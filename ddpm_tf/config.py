@@ -184,7 +184,10 @@ class DiffusionConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = _spec(500, lo=1, help="passes over the data set (every image once per epoch)")
-    batch_size: int = _spec(64, lo=1, hi=65536, help="images per step")
+    batch_size: int = _spec(64, lo=1, hi=65536, help="images per step (per micro-batch with train.accumulate)")
+    accumulate: int = _spec(1, lo=1, hi=1024,
+                            help="gradient accumulation: a step takes accumulate x batch_size images in micro-batches "
+                                 "of batch_size, one update of the whole batch's mean loss; memory of one micro-batch")
     learning_rate: float = _spec(2e-4, lo=1e-8, hi=1.0, help="Adam learning rate")
     ema_decay: float = _spec(0.999, lo=0.0, hi=1.0, help="EMA decay of the sampling weights")
     ema_warmup: bool = _spec(True, help="EMA decay min(decay, (1+step)/(10+step)) so early samples work")
@@ -212,6 +215,11 @@ class TrainConfig:
                                     "`RUN@STEP`; fresh optimizer and step counter, the same network required")
     eval_every: int = _spec(0, lo=0, help="KID/FID/near-copies (the `eval` section's settings) every N epochs, "
                                           "to `RUN/eval.csv` and TensorBoard (0: never)")
+
+    @property
+    def images_per_step(self) -> int:
+        """Images of one optimizer step: batch_size x accumulate."""
+        return self.batch_size * self.accumulate
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,8 @@ class DiffusionModel(keras.Model):
         self.min_snr_gamma = float(train_cfg.min_snr_gamma) if train_cfg.loss_weighting == "min_snr" else None
         self.num_labels = num_labels_of(net)
         self.label_dropout = float(train_cfg.label_dropout)
+        # train.accumulate: each batch (of accumulate x batch_size images) is taken in micro-batches of batch_size.
+        self.accumulate, self.micro_batch = int(train_cfg.accumulate), int(train_cfg.batch_size)
         # All training randomness (t, eps) comes from this generator; it is checkpointed with the run.
         self.rng = tf.random.Generator.from_seed(train_cfg.seed)
         self.ema_updates = tf.Variable(0, dtype=tf.int64, trainable=False, name="ema_updates")
@@ -87,9 +89,17 @@ class DiffusionModel(keras.Model):
         labels = labels if self.num_labels else None
         if labels is not None:  # drawn before t and eps: an unlabelled run's stream is unchanged
             labels = self.drop_labels(tf.cast(labels, tf.float32))
+        # The whole batch's t and eps first, in the order a step has always drawn them: a step of accumulated
+        # micro-batches draws exactly what one step of the whole batch draws.
+        t = self.rng.uniform([tf.shape(x0)[0]], 0, self.schedule.timesteps, dtype=tf.int32)
+        eps = self.rng.normal(tf.shape(x0), dtype=tf.float32)
         variables = self.net.trainable_variables
-        loss, grads, scale = compat.loss_scaled_gradients(
-            self.optimizer, lambda: self.diffusion_loss(x0, labels, augment=augment), variables)
+        if self.accumulate > 1:
+            loss, grads = self.accumulated_gradients(variables, x0, labels, augment, t, eps)
+            scale = compat.current_loss_scale(self.optimizer)
+        else:
+            loss, grads, scale = compat.loss_scaled_gradients(
+                self.optimizer, lambda: self.diffusion_loss(x0, labels, t=t, eps=eps, augment=augment), variables)
         if self.grad_clip > 0:
             # The gradients may still carry the loss scale (Keras 3): clipping at clip * scale is the same
             # as unscaling, clipping and rescaling. A non-finite norm stays non-finite, so the loss
@@ -99,6 +109,34 @@ class DiffusionModel(keras.Model):
         self.update_ema()
         self.loss_tracker.update_state(loss)
         return {"loss": self.loss_tracker.result(), "step_loss": loss}
+
+    def accumulated_gradients(self, variables, x0, *per_example):
+        """(loss, gradients) of the whole batch from micro-batches of `micro_batch` images, one after another
+        (train.accumulate): each micro-batch's gradients weighted by its share of the batch and summed, which is
+        the gradient of the batch's mean loss; only one micro-batch's activations are alive at a time.
+
+        `per_example` are (labels, augment, t, eps), each None or batch-major. A last, smaller batch of an epoch
+        splits into fewer or smaller micro-batches. The gradients carry the loss scale as loss_scaled_gradients'
+        do (the scale is fixed within a step)."""
+        b = tf.shape(x0)[0]
+        micro = self.micro_batch
+        count = (b + micro - 1) // micro
+
+        def body(i, loss_sum, grad_sums):
+            def part(z):
+                return None if z is None else z[i * micro:(i + 1) * micro]
+
+            xi = part(x0)
+            labels, augment, t, eps = (part(z) for z in per_example)
+            share = tf.cast(tf.shape(xi)[0], tf.float32) / tf.cast(b, tf.float32)
+            loss, grads, _ = compat.loss_scaled_gradients(
+                self.optimizer, lambda: self.diffusion_loss(xi, labels, t=t, eps=eps, augment=augment), variables)
+            grads = [tf.zeros_like(v) if g is None else tf.cast(g, v.dtype) for g, v in zip(grads, variables)]
+            return i + 1, loss_sum + share * loss, [s + share * g for s, g in zip(grad_sums, grads)]
+
+        start = (tf.constant(0), tf.constant(0.0), [tf.zeros_like(v) for v in variables])
+        _, loss, grads = tf.while_loop(lambda i, *_: i < count, body, start)
+        return loss, grads
 
     def update_ema(self):
         """ema <- d * ema + (1 - d) * w for every weight of the network."""
@@ -149,6 +187,8 @@ def build_diffusion_model(cfg, seed: int, num_labels: int = 0):
     net = build_unet(cfg.model, size, channels, name="unet", num_labels=num_labels, augment_dim=augment_dim)
     ema_net = build_unet(cfg.model, size, channels, name="ema_unet", num_labels=num_labels, augment_dim=augment_dim)
     model = DiffusionModel(net, ema_net, Schedule.from_config(cfg.diffusion), cfg.train, cfg.diffusion.prediction)
-    xla = use_xla(cfg.train.jit_compile)
+    # The accumulation loop (micro-batches of a dynamic count and size) did not finish compiling under XLA in
+    # 15 minutes on a CPU (TF 2.21): accumulated steps run as plain graphs.
+    xla = use_xla(cfg.train.jit_compile) and cfg.train.accumulate == 1
     model.compile(optimizer=make_optimizer(cfg.train), **compat.compile_kwargs(xla))
     return model, xla

@@ -242,10 +242,12 @@ def _load_data(cfg, echo):
     RunState)."""
     prepared = prepare(cfg.data, echo=echo, only_changes=True)
     images, labels = prepared.images(cfg.data.memory_mb), prepared.labels
-    state = RunState(len(images), cfg.train.batch_size, cfg.train.precision)
+    state = RunState(len(images), cfg.train.images_per_step, cfg.train.precision)
     echo(f"data: {len(images)} images from {cfg.data.dir} ({len(prepared.files) - len(images)} skipped, "
          f"{'memory-mapped' if not isinstance(images, np.ndarray) else 'in memory'}), "
-         f"{state.steps_per_epoch} steps per epoch at batch {cfg.train.batch_size}")
+         f"{state.steps_per_epoch} steps per epoch at batch {cfg.train.images_per_step}"
+         + (f" ({cfg.train.accumulate} accumulated micro-batches of {cfg.train.batch_size})"
+            if cfg.train.accumulate > 1 else ""))
     if labels is not None:
         ls = labels.label_set
         echo(f"labels: {len(ls)} {'classes' if ls.mode == 'folders' else 'tags'} ({cfg.data.labels}), "
@@ -324,13 +326,13 @@ def _fit(cfg, model, images, labels, state: RunState, callbacks) -> None:
     epoch, batch = state.position()
     matrix = labels.matrix if labels is not None else None
     if batch:
-        ds = make_dataset(images, cfg.train.batch_size, cfg.train.seed, epoch, cfg.data.flip, skip=batch,
+        ds = make_dataset(images, cfg.train.images_per_step, cfg.train.seed, epoch, cfg.data.flip, skip=batch,
                           labels=matrix, augment_p=cfg.train.augment_p)
         model.fit(ds, epochs=epoch + 1, initial_epoch=epoch, steps_per_epoch=state.steps_per_epoch - batch,
                   callbacks=callbacks, verbose=0, shuffle=False)
     epoch, batch = state.position()
     if not batch and epoch < cfg.train.epochs and not (state.interrupt or state.nonfinite_step):
-        ds = make_dataset(images, cfg.train.batch_size, cfg.train.seed, epoch, cfg.data.flip, labels=matrix,
+        ds = make_dataset(images, cfg.train.images_per_step, cfg.train.seed, epoch, cfg.data.flip, labels=matrix,
                           augment_p=cfg.train.augment_p)
         model.fit(ds, epochs=cfg.train.epochs, initial_epoch=epoch, steps_per_epoch=state.steps_per_epoch,
                   callbacks=callbacks, verbose=0, shuffle=False)
