@@ -133,8 +133,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(project, monkeypatch)
 
     original = diffusion.DiffusionModel.diffusion_loss
 
-    def poisoned(self, x0, labels=None, training=True):
-        loss = original(self, x0, labels, training)
+    def poisoned(self, x0, labels=None, training=True, **given):  # train_step now passes t, eps, augment
+        loss = original(self, x0, labels, training, **given)
         nan_after = tf.cast(self.optimizer.iterations >= 20, tf.float32) * np.float32("nan")
         return loss + tf.where(self.optimizer.iterations >= 20, nan_after, 0.0)
 
