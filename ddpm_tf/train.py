@@ -30,6 +30,7 @@ from .data.pipeline import make_dataset
 from .data.prepare import prepare
 from .diffusion import build_diffusion_model
 from .errors import ConfigError, Interrupted, RunError
+from .precision import cpu_bfloat16_note
 from .images import atomic_write_bytes
 from .runs import RunDir, RunLock
 from .samplers import preview_grid, sampler_from_config
@@ -267,6 +268,8 @@ def _build_and_restore(cfg, run: RunDir, state: RunState, label_set, echo, log):
     compat.build_optimizer(optimizer, net.trainable_variables)
     echo(f"model: {net.count_params():,} parameters, TensorFlow {compat.TF_VERSION} "
          f"(Keras {compat.KERAS_VERSION}), {cfg.train.precision}, XLA {'on' if xla else 'off'}")
+    if note := cpu_bfloat16_note(cfg.train.precision):
+        echo(f"note: {note}")
     ckpt = tf.train.Checkpoint(net=net, ema=model.ema_net, optimizer=optimizer, rng=model.rng,
                                ema_updates=model.ema_updates, epoch=state.epoch, batch_in_epoch=state.batch)
     manager = _checkpoint_manager(ckpt, run, cfg.run.keep_last, log)

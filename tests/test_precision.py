@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from test_train import MODEL, fixed_loss, smooth_images
 
-from ddpm_tf import compat
+from ddpm_tf import compat, precision
 from ddpm_tf.compat import keras, tf
 from ddpm_tf.config import DiffusionConfig, TrainConfig
 from ddpm_tf.diffusion import DiffusionModel, make_optimizer
@@ -70,6 +70,30 @@ def test_first_bfloat16_steps_finish_off_the_amx_barrier():
         assert not [line for line in kernels if "amx" in line]
     else:  # the newest line: oneDNN >= 2.7 needs no cap, AMX stays available
         assert "isa cap: None" in done.stdout
+
+
+@pytest.mark.parametrize("flags, onednn_opts, expected", [
+    ({"avx2", "avx512f", "avx512_bf16"}, "1", None),  # a CPU with AVX-512: bfloat16 kernels exist
+    ({"avx2", "fma"}, "1", "TensorFlow 2.10's oneDNN has no bfloat16 kernels"),  # the CI failure's CPU
+    ({"avx2", "fma"}, "0", "runs mixed_bfloat16's convolutions in float32"),
+])
+def test_bfloat16_on_a_cpu_without_avx512_trains_in_float32_and_says_so(monkeypatch, flags, onednn_opts, expected):
+    # On TF 2.10 with oneDNN on, an AVX2-only CPU failed the first step with "Value for attr 'T' of bfloat16 is
+    # not in the list of allowed values" (_FusedConv2D): the bfloat16 pass must stay off there, and say why.
+    monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", onednn_opts)
+    note = precision.cpu_bfloat16_note("mixed_bfloat16")
+    assert precision.cpu_bfloat16_note("float32") is None
+    if expected is None:
+        assert note is None
+    elif compat.ONEDNN_ISA_CAP or onednn_opts == "0":  # TF 2.10, or oneDNN off
+        assert expected in note and "AVX-512" in note
+    else:
+        assert "runs mixed_bfloat16's convolutions in float32" in note
+    apply_policy("mixed_bfloat16")
+    assert tf.config.optimizer.get_experimental_options().get("auto_mixed_precision_onednn_bfloat16", False) \
+        == (note is None)
+    assert keras.mixed_precision.global_policy().name == "float32"  # the graph is float32 on a CPU either way
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
