@@ -30,8 +30,8 @@ from .data.pipeline import make_dataset
 from .data.prepare import prepare
 from .diffusion import build_diffusion_model
 from .errors import ConfigError, Interrupted, RunError
-from .precision import cpu_bfloat16_note
 from .images import atomic_write_bytes
+from .precision import cpu_bfloat16_note
 from .runs import RunDir, RunLock
 from .samplers import preview_grid, sampler_from_config
 from .watchdog import Watchdog
