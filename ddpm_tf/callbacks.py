@@ -29,6 +29,11 @@ class RunState:
     def __init__(self, num_images: int, batch_size: int, precision: str):
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         self.batch = tf.Variable(0, dtype=tf.int64, trainable=False, name="batch_in_epoch")
+        # Images per step when the checkpoint was written (0: a checkpoint from before it was recorded), so a
+        # resume at another global batch (another number of replicas, another batch_size) continues the epoch at
+        # the same image.
+        self.global_batch = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_batch")
+        self.skip_images = 0  # images of the current epoch trained before this process started
         self.num_images, self.batch_size = num_images, batch_size
         self.steps_per_epoch = math.ceil(num_images / batch_size)
         self.loss_scaled = precision == "mixed_float16"
@@ -47,9 +52,24 @@ class RunState:
             return None
         return completed
 
+    def rebase(self) -> None:
+        """After a restore: count the current epoch's batches in this run's global batch. A checkpoint written
+        at another global batch continues at the same image: the epoch's rest is skip_images in, its batches
+        numbered so that the epoch still ends at steps_per_epoch."""
+        saved = int(self.global_batch.numpy()) or self.batch_size
+        self.global_batch.assign(self.batch_size)
+        batch = int(self.batch.numpy())
+        if saved == self.batch_size or not batch:
+            self.skip_images = batch * self.batch_size
+            return
+        self.skip_images = min(batch * saved, self.num_images)
+        self.batch.assign(self.steps_per_epoch - math.ceil((self.num_images - self.skip_images) / self.batch_size))
+
     def images_in_next_batch(self) -> int:
-        done = int(self.batch.numpy()) * self.batch_size
-        return min(self.batch_size, self.num_images - done)
+        if int(self.batch.numpy()) < self.steps_per_epoch - 1:
+            return self.batch_size
+        left = self.num_images - self.skip_images  # the epoch's last batch takes what the others left
+        return left - (math.ceil(left / self.batch_size) - 1) * self.batch_size
 
 
 class StateTracker(keras.callbacks.Callback):
@@ -88,6 +108,7 @@ class StateTracker(keras.callbacks.Callback):
         if int(state.batch.numpy()) >= state.steps_per_epoch:  # not on an interrupted, partial epoch
             state.epoch.assign(epoch + 1)
             state.batch.assign(0)
+            state.skip_images = 0
 
 
 class Heartbeat(keras.callbacks.Callback):

@@ -435,7 +435,8 @@ Examples:
   ddpm bench                                     # configs/bench32.yaml, float32
   ddpm bench --precision mixed_bfloat16 --jit-compile false
   ddpm bench --config configs/portrait64.yaml --batch-size 64
-  ddpm bench --set train.augment_p=0.15             # with non-leaky augmentation""")
+  ddpm bench --set train.augment_p=0.15             # with non-leaky augmentation
+  ddpm bench --replicas 2                        # 2 mirrored devices (GPUs, or the CPU split in 2) against 1""")
 @click.option("--config", "-c", "config_path", type=click.Path(path_type=Path, dir_okay=False),
               default=Path("configs/bench32.yaml"), help="Config whose network is measured.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None,
@@ -446,10 +447,14 @@ Examples:
 @click.option("--steps", type=click.IntRange(1), default=4, help="Timed train steps (after 2 warm-up steps).")
 @click.option("--sample-n", type=click.IntRange(1), default=16, help="Images per sampler batch.")
 @click.option("--sample-steps", type=click.IntRange(1), default=10, help="Timed sampler steps.")
+@click.option("--replicas", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Also train on this many devices under MirroredStrategy (the first K GPUs; without GPUs, the CPU "
+                   "split into K logical devices), --batch-size images each; prints the scaling efficiency.")
 @click.option("--json-only", is_flag=True, help="Print only the JSON line.")
 @click.option("--set", "extra", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override one config value (repeatable), e.g. train.augment_p=0.15.")
-def bench(config_path, precision, jit_compile, batch_size, steps, sample_n, sample_steps, json_only, extra):
+def bench(config_path, precision, jit_compile, batch_size, steps, sample_n, sample_steps, replicas, json_only,
+          extra):
     """Measure train images/s and sampler network evaluations/s of a configured network.
 
     Prints one JSON line and a readable table. Compare ratios within one session only: absolute
@@ -465,9 +470,12 @@ def bench(config_path, precision, jit_compile, batch_size, steps, sample_n, samp
     cfg = _user_errors(load_config, config_path, overrides)
     _quiet_tensorflow()
     from .bench import format_table, run_bench, to_json
+    from .distribute import split_cpu
 
-    result = run_bench(cfg, batch_size=batch_size or cfg.train.batch_size, steps=steps, sample_n=sample_n,
-                       sample_steps=sample_steps)
+    if replicas > 1:
+        split_cpu(replicas)  # before TensorFlow starts; a no-op where there are GPUs
+    result = _user_errors(run_bench, cfg, batch_size=batch_size or cfg.train.batch_size, steps=steps,
+                          sample_n=sample_n, sample_steps=sample_steps, replicas=replicas)
     click.echo(to_json(result))
     if not json_only:
         click.echo(format_table(result))

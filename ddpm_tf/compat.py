@@ -141,6 +141,27 @@ def loss_scaled_gradients(optimizer, loss_fn, variables):
     return loss, grads, current_loss_scale(optimizer)
 
 
+def apply_summed_gradients(optimizer, grads, variables, replicas: int) -> None:
+    """Apply gradients that are already the sum over all replicas (the same on each), with no second sum.
+
+    Keras 2 takes them as they are (experimental_aggregate_gradients=False); Keras 3's TensorFlow optimizer always
+    sums over the replicas inside apply_gradients, so each replica hands it 1/replicas of the sum."""
+    if replicas == 1:
+        optimizer.apply_gradients(zip(grads, variables))
+    elif KERAS3:
+        optimizer.apply_gradients(zip([g / replicas for g in grads], variables))
+    else:
+        optimizer.apply_gradients(zip(grads, variables), experimental_aggregate_gradients=False)
+
+
+def step_outputs(outputs: dict) -> dict:
+    """train_step's scalars in a shape Keras can reduce over replicas: Keras 3 reduces a multi-worker run's outputs
+    with strategy.reduce(MEAN, axis=0), which fails on a scalar; shape (1,) there gives back a scalar."""
+    if KERAS3 and isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
+        return {name: tf.reshape(value, [1]) for name, value in outputs.items()}
+    return outputs
+
+
 def loss_scale(optimizer) -> float:
     """The current dynamic loss scale (1.0 without loss scaling)."""
     if not isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer):

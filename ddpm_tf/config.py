@@ -13,6 +13,7 @@ import yaml
 
 from .data.decode import CHANNELS, CROPS
 from .data.labels import LABEL_MODES
+from .distribute import MODES as DISTRIBUTE_MODES
 from .errors import ConfigError
 from .precision import JIT_MODES, PRECISIONS
 from .samplers import (
@@ -165,6 +166,9 @@ class ModelConfig:
     attention_heads: int = _spec(1, lo=1, hi=64, help="heads in every self-attention block")
     dropout: float = _spec(0.1, lo=0.0, hi=0.9, help="dropout inside residual blocks")
     norm_groups: int = _spec(32, lo=1, hi=1024, help="GroupNorm groups; must divide every width")
+    recompute: bool = _spec(False, help="gradient checkpointing: residual blocks keep only their inputs for the "
+                                        "backward pass and run again in it (less activation memory, about a third "
+                                        "more compute); the same weights, so a run may turn it on or off")
 
 
 @dataclass(frozen=True)
@@ -215,6 +219,11 @@ class TrainConfig:
                                     "`RUN@STEP`; fresh optimizer and step counter, the same network required")
     eval_every: int = _spec(0, lo=0, help="KID/FID/near-copies (the `eval` section's settings) every N epochs, "
                                           "to `RUN/eval.csv` and TensorBoard (0: never)")
+    distribute: str = _spec("none", choices=DISTRIBUTE_MODES,
+                            help="tf.distribute: `none` (one device), `mirrored` (every GPU of this machine), "
+                                 "`multi_worker` (several machines, from TF_CONFIG or Slurm) or `auto` (multi_worker "
+                                 "when a cluster is described, mirrored with more than one GPU, else none); "
+                                 "batch_size is per replica, the global batch batch_size x accumulate x replicas")
 
     @property
     def images_per_step(self) -> int:

@@ -44,10 +44,17 @@ class DiffusionModel(keras.Model):
         self.accumulate, self.micro_batch = int(train_cfg.accumulate), int(train_cfg.batch_size)
         # All training randomness (t, eps) comes from this generator; it is checkpointed with the run.
         self.rng = tf.random.Generator.from_seed(train_cfg.seed)
-        self.ema_updates = tf.Variable(0, dtype=tf.int64, trainable=False, name="ema_updates")
+        self.seed = int(train_cfg.seed)
+        # Counts train steps; with the seed it keys each step's draws (stateless, so every replica can draw the
+        # whole global batch's and take its own slice). One value for all replicas, updated by the first.
+        self.ema_updates = tf.Variable(0, dtype=tf.int64, trainable=False, name="ema_updates",
+                                       aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         for w, e in zip(net.weights, ema_net.weights):
             e.assign(w)
+        # Built already (its networks are): Keras 3 under a tf.distribute strategy otherwise builds the model by
+        # calling it on a training batch, which is not the networks' input.
+        self.built = True
 
     @property
     def metrics(self):
@@ -56,17 +63,19 @@ class DiffusionModel(keras.Model):
     def call(self, inputs, training=False):
         return self.net(inputs, training=training)
 
-    def drop_labels(self, labels):
-        """Labels (B, K) with each row replaced by the null label (all zero) with probability label_dropout."""
-        keep = self.rng.uniform([tf.shape(labels)[0]], 0.0, 1.0, dtype=tf.float32) >= self.label_dropout
+    def drop_labels(self, labels, uniform):
+        """Labels (B, K) with each row replaced by the null label (all zero) with probability label_dropout;
+        `uniform` (B,) are the rows' U[0, 1) draws."""
+        keep = uniform >= self.label_dropout
         return labels * tf.cast(keep, labels.dtype)[:, None]
 
-    def diffusion_loss(self, x0, labels=None, training: bool = True, t=None, eps=None, augment=None):
+    def diffusion_loss(self, x0, labels=None, training: bool = True, t=None, eps=None, augment=None, total=None):
         """Draw t ~ U{0..T-1} and eps ~ N(0, I) (unless given); return the weighted MSE of the prediction.
 
         With eps and no weighting this is Eq. 14 of Ho et al. 2020 (L_simple). A network with labels gets
         `labels` (B, K) as they are (the caller drops them for classifier-free guidance), a network with
-        augmentation conditioning `augment` (B, DIM); either is zero when not given.
+        augmentation conditioning `augment` (B, DIM); either is zero when not given. With `total`, the sum over
+        these images divided by `total` (their share of the mean over a global batch of `total` images).
         """
         if t is None:
             t = self.rng.uniform([tf.shape(x0)[0]], 0, self.schedule.timesteps, dtype=tf.int32)
@@ -79,41 +88,74 @@ class DiffusionModel(keras.Model):
         target = prediction_target(self.prediction, x0, eps, sqrt_alpha_bar, sigma)
         per_example = tf.reduce_mean(tf.square(tf.cast(pred, tf.float32) - target), axis=[1, 2, 3])
         weights = loss_weight(self.prediction, tf.gather(self.schedule.snr, t), self.min_snr_gamma)
-        return tf.reduce_mean(weights * per_example)
+        if total is None:
+            return tf.reduce_mean(weights * per_example)
+        return tf.reduce_sum(weights * per_example) / tf.cast(total, tf.float32)
 
     def train_step(self, data):
-        # A batch is x0, (x0, labels) or (x0, labels, augment) with labels (B, 0) on a run without any.
+        # A batch is x0, (x0, labels) or (x0, labels, augment) with labels (B, 0) on a run without any. Under a
+        # tf.distribute strategy this runs once per replica on the replica's part of the global batch.
         batch = tuple(data) if isinstance(data, (tuple, list)) else (data,)
         x0, labels, augment = batch + (None,) * (3 - len(batch))
         x0 = tf.cast(x0, tf.float32)
-        labels = labels if self.num_labels else None
-        if labels is not None:  # drawn before t and eps: an unlabelled run's stream is unchanged
-            labels = self.drop_labels(tf.cast(labels, tf.float32))
-        # The whole batch's t and eps first, in the order a step has always drawn them: a step of accumulated
-        # micro-batches draws exactly what one step of the whole batch draws.
-        t = self.rng.uniform([tf.shape(x0)[0]], 0, self.schedule.timesteps, dtype=tf.int32)
-        eps = self.rng.normal(tf.shape(x0), dtype=tf.float32)
+        replica = tf.distribute.get_replica_context()
+        replicas = replica.num_replicas_in_sync
+        offset, total = self.place_in_global_batch(replica, tf.shape(x0)[0])
+        labels, t, eps = self.draws(x0, labels if self.num_labels else None, offset, total)
         variables = self.net.trainable_variables
         if self.accumulate > 1:
-            loss, grads = self.accumulated_gradients(variables, x0, labels, augment, t, eps)
+            loss, grads = self.accumulated_gradients(variables, x0, labels, augment, t, eps, total=total)
             scale = compat.current_loss_scale(self.optimizer)
         else:
             loss, grads, scale = compat.loss_scaled_gradients(
-                self.optimizer, lambda: self.diffusion_loss(x0, labels, t=t, eps=eps, augment=augment), variables)
+                self.optimizer, lambda: self.diffusion_loss(x0, labels, t=t, eps=eps, augment=augment, total=total),
+                variables)
+        if replicas > 1:
+            loss = replica.all_reduce(tf.distribute.ReduceOp.SUM, loss)  # the global batch's mean, on every replica
         if self.grad_clip > 0:
+            if replicas > 1:  # clip the gradient of the global batch: sum over the replicas first
+                grads = replica.all_reduce(tf.distribute.ReduceOp.SUM, grads)
             # The gradients may still carry the loss scale (Keras 3): clipping at clip * scale is the same
             # as unscaling, clipping and rescaling. A non-finite norm stays non-finite, so the loss
             # scaler still sees (and skips) an overflowing step.
             grads, _ = tf.clip_by_global_norm(grads, self.grad_clip * tf.cast(scale, tf.float32))
-        self.optimizer.apply_gradients(zip(grads, variables))
+            compat.apply_summed_gradients(self.optimizer, grads, variables, replicas)
+        else:
+            self.optimizer.apply_gradients(zip(grads, variables))  # the optimizer sums over replicas
         self.update_ema()
         self.loss_tracker.update_state(loss)
-        return {"loss": self.loss_tracker.result(), "step_loss": loss}
+        return compat.step_outputs({"loss": self.loss_tracker.result(), "step_loss": loss})
 
-    def accumulated_gradients(self, variables, x0, *per_example):
-        """(loss, gradients) of the whole batch from micro-batches of `micro_batch` images, one after another
-        (train.accumulate): each micro-batch's gradients weighted by its share of the batch and summed, which is
-        the gradient of the batch's mean loss; only one micro-batch's activations are alive at a time.
+    @staticmethod
+    def place_in_global_batch(replica, b):
+        """(offset, total): where this replica's `b` images start in the global batch, and its size. The strategy
+        hands replica r the r-th contiguous part (a last, partial batch may leave some replicas fewer or none)."""
+        if replica.num_replicas_in_sync == 1:
+            return 0, b
+        sizes = replica.all_gather(tf.reshape(b, [1]), axis=0)  # (replicas,)
+        return tf.reduce_sum(sizes[:replica.replica_id_in_sync_group]), tf.reduce_sum(sizes)
+
+    def draws(self, x0, labels, offset, total):
+        """(labels after dropout, t, eps) for this replica's images: the global batch's draws, keyed by (seed,
+        step) alone and sliced at `offset`, so an image gets the same t and eps whatever the replica count, the
+        micro-batching, or a resume."""
+        keys = tf.random.experimental.stateless_split(
+            tf.stack([tf.constant(self.seed, tf.int64), tf.convert_to_tensor(self.ema_updates)]), 3)
+
+        def mine(z):
+            return z[offset:offset + tf.shape(x0)[0]]
+
+        if labels is not None:
+            labels = self.drop_labels(tf.cast(labels, tf.float32),
+                                      mine(tf.random.stateless_uniform([total], keys[0], dtype=tf.float32)))
+        t = mine(tf.random.stateless_uniform([total], keys[1], 0, self.schedule.timesteps, dtype=tf.int32))
+        eps = mine(tf.random.stateless_normal(tf.concat([[total], tf.shape(x0)[1:]], 0), keys[2], dtype=tf.float32))
+        return labels, t, eps
+
+    def accumulated_gradients(self, variables, x0, *per_example, total):
+        """(loss, gradients) of this replica's images from micro-batches of `micro_batch` images, one after another
+        (train.accumulate): each micro-batch's loss is its sum over `total` (diffusion_loss), so the summed
+        gradients are those of the global batch's mean loss; only one micro-batch's activations are alive at a time.
 
         `per_example` are (labels, augment, t, eps), each None or batch-major. A last, smaller batch of an epoch
         splits into fewer or smaller micro-batches. The gradients carry the loss scale as loss_scaled_gradients'
@@ -128,11 +170,11 @@ class DiffusionModel(keras.Model):
 
             xi = part(x0)
             labels, augment, t, eps = (part(z) for z in per_example)
-            share = tf.cast(tf.shape(xi)[0], tf.float32) / tf.cast(b, tf.float32)
             loss, grads, _ = compat.loss_scaled_gradients(
-                self.optimizer, lambda: self.diffusion_loss(xi, labels, t=t, eps=eps, augment=augment), variables)
+                self.optimizer, lambda: self.diffusion_loss(xi, labels, t=t, eps=eps, augment=augment, total=total),
+                variables)
             grads = [tf.zeros_like(v) if g is None else tf.cast(g, v.dtype) for g, v in zip(grads, variables)]
-            return i + 1, loss_sum + share * loss, [s + share * g for s, g in zip(grad_sums, grads)]
+            return i + 1, loss_sum + loss, [s + g for s, g in zip(grad_sums, grads)]
 
         start = (tf.constant(0), tf.constant(0.0), [tf.zeros_like(v) for v in variables])
         _, loss, grads = tf.while_loop(lambda i, *_: i < count, body, start)

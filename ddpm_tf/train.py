@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,6 @@ from .callbacks import (
     ProgressFile,
     RunState,
     StateTracker,
-    TrainingStopped,
     export_ema,
 )
 from .compat import tf
@@ -29,7 +30,8 @@ from .data import augment
 from .data.pipeline import make_dataset
 from .data.prepare import prepare
 from .diffusion import build_diffusion_model
-from .errors import ConfigError, Interrupted, RunError
+from .distribute import Placement, agree, barrier, make_placement, shard_policy_options
+from .errors import ConfigError, Interrupted, RunError, TrainingStopped
 from .images import atomic_write_bytes
 from .precision import cpu_bfloat16_note
 from .runs import RunDir, RunLock
@@ -184,25 +186,29 @@ def _restore_newest_loadable(ckpt, candidates: list[str], run: RunDir, log) -> t
 def train(cfg, *, restart: bool = False, echo=print, progress_factory=None, log=print) -> RunDir:
     """Train (or resume) the run `cfg.run.dir`; returns its RunDir."""
     _check_apart(cfg)
+    placement = make_placement(cfg.train.distribute)  # before any other TensorFlow op (multi_worker needs it)
+    if not placement.is_chief:
+        return _train_worker(cfg, placement, echo, log)
     run = RunDir(cfg.run.dir)
     run.claim()  # refuses, untouched, a folder that holds anything but a run
-    lock = RunLock(run)
+    lock = RunLock(run)  # the chief's alone: the other workers of a multi_worker run neither take nor check it
     note = lock.acquire()
     if note:
         log(f"{run.path}: {note}")
     try:
-        return _train_locked(cfg, run, restart, echo, progress_factory, log)
+        return _train_locked(cfg, run, restart, placement, echo, progress_factory, log)
     finally:
         lock.release()
 
 
-def _train_locked(cfg, run: RunDir, restart, echo, progress_factory, log) -> RunDir:
+def _train_locked(cfg, run: RunDir, restart, placement: Placement, echo, progress_factory, log) -> RunDir:
     _open_run_dir(cfg, run, restart, echo, log)
-    images, labels, state = _load_data(cfg, echo)
+    images, labels, state = _load_data(cfg, placement, echo)
     label_set = labels.label_set if labels is not None else None
     if run.checkpoint_prefixes():
         _check_same_labels(run, label_set)
-    model, manager, meta = _build_and_restore(cfg, run, state, label_set, echo, log)
+    with placement.strategy.scope():
+        model, manager, meta = _build_and_restore(cfg, run, state, label_set, placement, echo, log)
     run.save_config(cfg)
     run.save_labels(label_set)
     atomic_write_bytes(run.written_by, yaml.safe_dump(
@@ -218,12 +224,36 @@ def _train_locked(cfg, run: RunDir, restart, echo, progress_factory, log) -> Run
         callbacks, watchdog = _callbacks(cfg, run, model, manager, meta, images, labels, state, bar, writer,
                                          echo, log)
         with _stop_on_signals(state, echo), watchdog:
-            _fit(cfg, model, images, labels, state, callbacks)
+            _fit(cfg, model, images, labels, state, placement, callbacks)
     finally:
         bar.close()
         if writer is not None:
             writer.close()
     return _finish(run, model, manager, state, echo)
+
+
+def _train_worker(cfg, placement: Placement, echo, log) -> RunDir:
+    """A multi_worker run's other workers: the chief's steps in lockstep (every collective of the fit and of each
+    checkpoint), restored from run.dir's checkpoints, which they only read; whatever they write (checkpoints,
+    exports, progress) goes to a scratch folder removed at the end. Previews, evaluation and logs are the chief's."""
+    run = RunDir(cfg.run.dir)
+    images, labels, state = _load_data(cfg, placement, echo)
+    label_set = labels.label_set if labels is not None else None
+    scratch = RunDir(tempfile.mkdtemp(prefix=f"ddpm-{placement.task.replace(' ', '')}-"))
+    try:
+        with placement.strategy.scope():
+            model, manager, meta = _build_and_restore(cfg, run, state, label_set, placement, echo, log,
+                                                      writes=scratch)
+        watchdog = Watchdog(cfg.run.stall_timeout, "train", "step", start=int(model.optimizer.iterations.numpy()))
+        callbacks = [Heartbeat(watchdog), StateTracker(state),
+                     Checkpointer(scratch, manager, state, cfg.run.checkpoint_every, cfg.run.keep_last, model.ema_net,
+                                  meta, eval_every=cfg.train.eval_every)]
+        with _stop_on_signals(state, echo), watchdog:
+            _fit(cfg, model, images, labels, state, placement, callbacks)
+    finally:
+        shutil.rmtree(scratch.path, ignore_errors=True)
+    echo(f"{placement.task}: done at step {int(model.optimizer.iterations.numpy())}; the chief wrote {run.path}")
+    return run
 
 
 def _open_run_dir(cfg, run: RunDir, restart: bool, echo, log) -> None:
@@ -238,17 +268,24 @@ def _open_run_dir(cfg, run: RunDir, restart: bool, echo, log) -> None:
         _check_written_by(run, log)
 
 
-def _load_data(cfg, echo):
+def _load_data(cfg, placement: Placement, echo):
     """The prepare step of `ddpm prepare` (cheap when the cache is fresh), then (images, labels or None,
-    RunState)."""
+    RunState). Workers started together prepare one after another: the chief first, the others once it is done
+    (on a shared folder they find its cache fresh; on their own disks each prepares its own copy)."""
+    if not placement.is_chief:
+        barrier(placement)
     prepared = prepare(cfg.data, echo=echo, only_changes=True)
+    if placement.is_chief:
+        barrier(placement)
     images, labels = prepared.images(cfg.data.memory_mb), prepared.labels
-    state = RunState(len(images), cfg.train.images_per_step, cfg.train.precision)
+    global_batch = cfg.train.images_per_step * placement.replicas
+    state = RunState(len(images), global_batch, cfg.train.precision)
+    echo(placement.describe(cfg.train.batch_size, cfg.train.accumulate))
     echo(f"data: {len(images)} images from {cfg.data.dir} ({len(prepared.files) - len(images)} skipped, "
          f"{'memory-mapped' if not isinstance(images, np.ndarray) else 'in memory'}), "
-         f"{state.steps_per_epoch} steps per epoch at batch {cfg.train.images_per_step}"
+         f"{state.steps_per_epoch} steps per epoch at batch {global_batch}"
          + (f" ({cfg.train.accumulate} accumulated micro-batches of {cfg.train.batch_size})"
-            if cfg.train.accumulate > 1 else ""))
+            if cfg.train.accumulate > 1 and placement.replicas == 1 else ""))
     if labels is not None:
         ls = labels.label_set
         echo(f"labels: {len(ls)} {'classes' if ls.mode == 'folders' else 'tags'} ({cfg.data.labels}), "
@@ -259,8 +296,10 @@ def _load_data(cfg, echo):
     return images, labels, state
 
 
-def _build_and_restore(cfg, run: RunDir, state: RunState, label_set, echo, log):
-    """The networks and optimizer, restored from the newest checkpoint that loads: (model, manager, meta)."""
+def _build_and_restore(cfg, run: RunDir, state: RunState, label_set, placement: Placement, echo, log,
+                       writes: RunDir | None = None):
+    """The networks and optimizer, restored from the newest checkpoint that loads: (model, manager, meta). Called
+    in the strategy's scope. A multi_worker run's other workers read `run` and write to `writes`, their scratch."""
     if cfg.train.deterministic:
         tf.config.experimental.enable_op_determinism()
     model, xla = build_diffusion_model(cfg, seed=cfg.train.seed, num_labels=len(label_set) if label_set else 0)
@@ -271,17 +310,27 @@ def _build_and_restore(cfg, run: RunDir, state: RunState, label_set, echo, log):
     if note := cpu_bfloat16_note(cfg.train.precision):
         echo(f"note: {note}")
     ckpt = tf.train.Checkpoint(net=net, ema=model.ema_net, optimizer=optimizer, rng=model.rng,
-                               ema_updates=model.ema_updates, epoch=state.epoch, batch_in_epoch=state.batch)
-    manager = _checkpoint_manager(ckpt, run, cfg.run.keep_last, log)
+                               ema_updates=model.ema_updates, epoch=state.epoch, batch_in_epoch=state.batch,
+                               global_batch=state.global_batch)
     meta = {"config": to_dict(cfg), "tf": compat.TF_VERSION, "keras": compat.KERAS_VERSION,
             "labels": label_set.to_dict() if label_set else None}
-    restored, skipped = _restore_newest_loadable(ckpt, _checkpoint_candidates(run, manager), run, log)
-    if restored:
-        step = int(optimizer.iterations.numpy())
+    if writes is None:
+        manager = _checkpoint_manager(ckpt, run, cfg.run.keep_last, log)
+        candidates = _checkpoint_candidates(run, manager)
+    else:
+        manager = tf.train.CheckpointManager(ckpt, str(writes.checkpoints), max_to_keep=cfg.run.keep_last)
+        candidates = [p for _, p in sorted(run.checkpoint_prefixes().items(), reverse=True)]
+    restored, skipped = _restore_newest_loadable(ckpt, candidates, run, log)
+    step = int(optimizer.iterations.numpy())
+    if not agree(placement, step):
+        raise RunError(f"{placement.task}: the workers resumed {run.path} from different steps (this one from "
+                       f"{step}); every worker must see the same run.dir (one shared folder, e.g. on NFS)")
+    state.rebase()
+    if restored and writes is None:
         _sync_exports(run, model.ema_net, step, meta, state, keep_later=bool(skipped))
         epoch, batch = state.position()
         echo(f"resuming {run.path} from step {step} (epoch {epoch}" + (f", batch {batch})" if batch else ")"))
-    elif cfg.train.init_from:
+    elif cfg.train.init_from and not restored:
         meta["init_from"] = _warm_start(cfg, run, model, echo)
     return model, manager, meta
 
@@ -324,21 +373,43 @@ def _callbacks(cfg, run: RunDir, model, manager, meta, images, labels, state: Ru
     return callbacks, watchdog
 
 
-def _fit(cfg, model, images, labels, state: RunState, callbacks) -> None:
-    """A partial epoch first when resuming mid-epoch, then whole epochs (data order: seed and epoch)."""
+def _fit(cfg, model, images, labels, state: RunState, placement: Placement, callbacks) -> None:
+    """A partial epoch first when resuming mid-epoch, then whole epochs (data order: seed and epoch). Batches are
+    global: under a strategy Keras hands each replica its contiguous part."""
     epoch, batch = state.position()
     matrix = labels.matrix if labels is not None else None
-    if batch:
-        ds = make_dataset(images, cfg.train.images_per_step, cfg.train.seed, epoch, cfg.data.flip, skip=batch,
-                          labels=matrix, augment_p=cfg.train.augment_p)
-        model.fit(ds, epochs=epoch + 1, initial_epoch=epoch, steps_per_epoch=state.steps_per_epoch - batch,
-                  callbacks=callbacks, verbose=0, shuffle=False)
-    epoch, batch = state.position()
-    if not batch and epoch < cfg.train.epochs and not (state.interrupt or state.nonfinite_step):
-        ds = make_dataset(images, cfg.train.images_per_step, cfg.train.seed, epoch, cfg.data.flip, labels=matrix,
-                          augment_p=cfg.train.augment_p)
-        model.fit(ds, epochs=cfg.train.epochs, initial_epoch=epoch, steps_per_epoch=state.steps_per_epoch,
-                  callbacks=callbacks, verbose=0, shuffle=False)
+
+    def dataset(start_epoch, skip_images=0):
+        ds = make_dataset(images, state.batch_size, cfg.train.seed, start_epoch, cfg.data.flip,
+                          skip_images=skip_images, labels=matrix, augment_p=cfg.train.augment_p)
+        return ds.with_options(shard_policy_options()) if placement.workers > 1 else ds
+
+    with _peers_lost(placement, cfg.run.dir):
+        if batch:
+            model.fit(dataset(epoch, state.skip_images), epochs=epoch + 1, initial_epoch=epoch,
+                      steps_per_epoch=state.steps_per_epoch - batch, callbacks=callbacks, verbose=0, shuffle=False)
+        epoch, batch = state.position()
+        if not batch and epoch < cfg.train.epochs and not (state.interrupt or state.nonfinite_step):
+            model.fit(dataset(epoch), epochs=cfg.train.epochs, initial_epoch=epoch,
+                      steps_per_epoch=state.steps_per_epoch, callbacks=callbacks, verbose=0, shuffle=False)
+
+
+@contextlib.contextmanager
+def _peers_lost(placement: Placement, run_dir):
+    """A multi_worker step whose collectives fail (a worker killed, a machine unreachable, the collective timeout)
+    ends training with one line: every step is in lockstep, so none can go on; the newest checkpoint is whole."""
+    try:
+        yield
+    except tf.errors.OpError as exc:
+        if placement.workers == 1:
+            raise
+        lines = [line.strip() for line in str(exc.message).splitlines() if line.strip()]
+        reason = next((line for line in lines if "aborted" in line.lower() or "unavailable" in line.lower()),
+                      lines[0] if lines else "")[:200]
+        raise TrainingStopped(
+            f"a worker of this multi_worker run is gone or unreachable ({type(exc).__name__}: {reason}); the newest "
+            f"checkpoint in {run_dir}/checkpoints is whole: start every worker again to resume (or resume on one "
+            "machine with --set train.distribute=none)") from None
 
 
 def _finish(run: RunDir, model, manager, state: RunState, echo) -> RunDir:

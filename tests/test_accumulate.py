@@ -76,7 +76,7 @@ def test_accumulation_under_mixed_float16_loss_scaling():
     variables = model.net.trainable_variables
     loss, whole, scale = compat.loss_scaled_gradients(
         model.optimizer, lambda: model.diffusion_loss(x0, t=t, eps=eps), variables)
-    acc_loss, acc = model.accumulated_gradients(variables, x0, None, None, t, eps)
+    acc_loss, acc = model.accumulated_gradients(variables, x0, None, None, t, eps, total=6)
     assert float(compat.current_loss_scale(model.optimizer)) == float(scale)
     assert float(acc_loss) == pytest.approx(float(loss), rel=1e-3)
     flat_whole = np.concatenate([np.ravel(g) for g in whole])

@@ -79,8 +79,8 @@ def test_memory_mapped_shards_give_the_same_batches(tmp_path, monkeypatch):
     mapped = ShardedImages(paths, per, len(images), images.shape[1:])
     assert np.array_equal(mapped.take([22, 0, 7, 7]), images[[22, 0, 7, 7]])
     for start_epoch, skip in ((0, 0), (2, 3)):
-        a = _batches(make_dataset(images, 4, seed=3, start_epoch=start_epoch, skip=skip), 14)
-        b = _batches(make_dataset(mapped, 4, seed=3, start_epoch=start_epoch, skip=skip), 14)
+        a = _batches(make_dataset(images, 4, seed=3, start_epoch=start_epoch, skip_images=4 * skip), 14)
+        b = _batches(make_dataset(mapped, 4, seed=3, start_epoch=start_epoch, skip_images=4 * skip), 14)
         assert all(np.array_equal(x, y) for x, y in zip(a, b)) and len(a) == len(b) == 14
 
     # The prepared cache chooses: in memory up to data.memory_mb, memory-mapped shards above it.

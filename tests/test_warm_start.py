@@ -51,10 +51,12 @@ def new_config(root, source_run, name, **sections):
 
 
 def build(cfg, echo=print, label_set=None):
+    from ddpm_tf.distribute import make_placement
     from ddpm_tf.train import _build_and_restore
 
     state = RunState(6, cfg.train.batch_size, cfg.train.precision)
-    return _build_and_restore(cfg, RunDir(cfg.run.dir), state, label_set, echo, lambda m: None)
+    return _build_and_restore(cfg, RunDir(cfg.run.dir), state, label_set, make_placement("none"), echo,
+                              lambda m: None)
 
 
 def test_the_first_weights_are_the_source_export_and_the_counters_start_fresh(source):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def make_dataset(images, batch_size: int, seed: int, start_epoch: int = 0, flip: bool = True, skip: int = 0,
+def make_dataset(images, batch_size: int, seed: int, start_epoch: int = 0, flip: bool = True, skip_images: int = 0,
                  labels=None, augment_p: float = 0.0):
     """Infinite tf.data pipeline of float32 batches in [-1, 1], one epoch after another.
 
@@ -15,8 +15,9 @@ def make_dataset(images, batch_size: int, seed: int, start_epoch: int = 0, flip:
     shards, read a batch at a time): the batches are identical either way. Each epoch is a fresh
     permutation of all images drawn from the stateless seed (seed, epoch), so every image is seen once
     per epoch, and each image's flip is drawn from (seed + 1, epoch) at its index: the data order is a
-    pure function of (seed, epoch), and a resumed run continues it exactly. `skip` drops the first
-    batches of `start_epoch` (a resume mid-epoch).
+    pure function of (seed, epoch), and a resumed run continues it exactly. `skip_images` drops the first
+    images of `start_epoch`'s order (a resume mid-epoch, also with another batch size: under tf.distribute the
+    global batch depends on the number of replicas).
 
     With `labels`, an (N, K) uint8 multi-hot matrix (labels.Labels.matrix, rows as the images'), each batch is
     (x, y) with y (B, K) float32, gathered with the same index (a flip does not change a label); without, the
@@ -48,6 +49,7 @@ def make_dataset(images, batch_size: int, seed: int, start_epoch: int = 0, flip:
     def epoch_batches(epoch):
         epoch_seed = tf.cast(epoch, tf.int32)
         order = tf.argsort(tf.random.stateless_uniform([n], seed=tf.stack([seed, epoch_seed])))
+        order = order[tf.where(epoch == start_epoch, skip_images, 0):]
         flips = tf.random.stateless_uniform([n], seed=tf.stack([seed + 1, epoch_seed])) < 0.5
         params = augment.draw(n, augment_p, shape[0], seed, epoch_seed) if augment_p > 0 else None
 
@@ -65,5 +67,5 @@ def make_dataset(images, batch_size: int, seed: int, start_epoch: int = 0, flip:
 
         return tf.data.Dataset.from_tensor_slices(order).batch(batch_size).map(load)
 
-    ds = tf.data.Dataset.range(start_epoch, 2**31 - 1).flat_map(epoch_batches).skip(skip)
+    ds = tf.data.Dataset.range(start_epoch, 2**31 - 1).flat_map(epoch_batches)
     return ds.prefetch(tf.data.AUTOTUNE)
