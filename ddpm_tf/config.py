@@ -345,6 +345,8 @@ def _check_value(where: str, key: str, value: Any, default: Any, meta: dict) -> 
             raise bad("is not a finite number")
         items = [value]
     elif kind == "str":  # empty only where the default is (train.init_from: "" is "none")
+        if isinstance(value, bool) and meta["choices"] and {"true", "false"} <= set(meta["choices"]):
+            value = "true" if value else "false"  # YAML reads `jit_compile: true` (and --set ...=true) as a bool
         if not isinstance(value, str) or (not value and default):
             raise bad("has the wrong type")
         items = [value]

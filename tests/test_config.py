@@ -10,6 +10,17 @@ from ddpm_tf.config import Config, from_dict, load_config, to_dict
 from ddpm_tf.errors import ConfigError
 
 
+def test_a_choice_named_true_or_false_is_taken_as_yaml_writes_it(tmp_path):
+    # train.jit_compile is `auto`, `true` or `false`: YAML reads an unquoted true as a bool, in a file and in --set.
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  jit_compile: true\n", encoding="utf-8")
+    assert load_config(path).train.jit_compile == "true"
+    assert load_config(path, ["train.jit_compile=false"]).train.jit_compile == "false"
+    assert load_config(None, ["train.jit_compile=auto"]).train.jit_compile == "auto"
+    with pytest.raises(ConfigError, match="train.distribute = True has the wrong type"):  # no true among its choices
+        load_config(None, ["train.distribute=true"])
+
+
 def test_defaults_round_trip():
     cfg = load_config(None)
     assert cfg == Config()
