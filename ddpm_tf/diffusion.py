@@ -101,7 +101,7 @@ class DiffusionModel(keras.Model):
         replica = tf.distribute.get_replica_context()
         replicas = replica.num_replicas_in_sync
         offset, total = self.place_in_global_batch(replica, tf.shape(x0)[0])
-        labels, t, eps = self.draws(x0, labels if self.num_labels else None, offset, total)
+        labels, t, eps = self.draws(x0, labels if self.num_labels else None, offset, replicas)
         variables = self.net.trainable_variables
         if self.accumulate > 1:
             loss, grads = self.accumulated_gradients(variables, x0, labels, augment, t, eps, total=total)
@@ -132,24 +132,31 @@ class DiffusionModel(keras.Model):
         hands replica r the r-th contiguous part (a last, partial batch may leave some replicas fewer or none)."""
         if replica.num_replicas_in_sync == 1:
             return 0, b
-        sizes = replica.all_gather(tf.reshape(b, [1]), axis=0)  # (replicas,)
+        # Every replica's size, as a sum of one-hot rows: an all-reduce, which XLA compiles (an all-gather it does not).
+        mine = tf.one_hot(replica.replica_id_in_sync_group, replica.num_replicas_in_sync, dtype=tf.float32)
+        sizes = tf.cast(replica.all_reduce(tf.distribute.ReduceOp.SUM, mine * tf.cast(b, tf.float32)), tf.int32)
         return tf.reduce_sum(sizes[:replica.replica_id_in_sync_group]), tf.reduce_sum(sizes)
 
-    def draws(self, x0, labels, offset, total):
-        """(labels after dropout, t, eps) for this replica's images: the global batch's draws, keyed by (seed,
-        step) alone and sliced at `offset`, so an image gets the same t and eps whatever the replica count, the
-        micro-batching, or a resume."""
+    def draws(self, x0, labels, offset, replicas: int):
+        """(labels after dropout, t, eps) for this replica's images: the draws of a whole global batch, keyed by
+        (seed, step) alone and sliced at `offset`, so an image gets the same t and eps whatever the replica count,
+        the micro-batching, or a resume. A global batch's worth is drawn even for a last, smaller batch: a size
+        that XLA knows when it compiles (the per-replica shape), which a sum over replicas would not be."""
+        b = tf.shape(x0)[0]
+        n = tf.maximum(self.micro_batch * self.accumulate * replicas, replicas * b)
         keys = tf.random.experimental.stateless_split(
             tf.stack([tf.constant(self.seed, tf.int64), tf.convert_to_tensor(self.ema_updates)]), 3)
 
-        def mine(z):
-            return z[offset:offset + tf.shape(x0)[0]]
+        def mine(z):  # z[offset:offset + b] as a slice of a size XLA knows (a strided slice's size it does not)
+            rest = tf.rank(z) - 1
+            return tf.slice(z, tf.concat([[offset], tf.zeros([rest], tf.int32)], 0),
+                            tf.concat([[b], -tf.ones([rest], tf.int32)], 0))
 
         if labels is not None:
             labels = self.drop_labels(tf.cast(labels, tf.float32),
-                                      mine(tf.random.stateless_uniform([total], keys[0], dtype=tf.float32)))
-        t = mine(tf.random.stateless_uniform([total], keys[1], 0, self.schedule.timesteps, dtype=tf.int32))
-        eps = mine(tf.random.stateless_normal(tf.concat([[total], tf.shape(x0)[1:]], 0), keys[2], dtype=tf.float32))
+                                      mine(tf.random.stateless_uniform([n], keys[0], dtype=tf.float32)))
+        t = mine(tf.random.stateless_uniform([n], keys[1], 0, self.schedule.timesteps, dtype=tf.int32))
+        eps = mine(tf.random.stateless_normal(tf.concat([[n], tf.shape(x0)[1:]], 0), keys[2], dtype=tf.float32))
         return labels, t, eps
 
     def accumulated_gradients(self, variables, x0, *per_example, total):
@@ -218,6 +225,7 @@ def build_diffusion_model(cfg, seed: int, num_labels: int = 0):
     """Network, EMA copy and compiled DiffusionModel for a config, in its precision (with `num_labels` labels
     when the data has them, and augmentation conditioning when train.augment_p is on); returns (model, xla)."""
     from .data.augment import network_dim
+    from .distribute import xla_problem
     from .precision import apply_policy, use_xla
     from .schedule import Schedule
     from .unet import build_unet
@@ -230,7 +238,7 @@ def build_diffusion_model(cfg, seed: int, num_labels: int = 0):
     ema_net = build_unet(cfg.model, size, channels, name="ema_unet", num_labels=num_labels, augment_dim=augment_dim)
     model = DiffusionModel(net, ema_net, Schedule.from_config(cfg.diffusion), cfg.train, cfg.diffusion.prediction)
     # The accumulation loop (micro-batches of a dynamic count and size) did not finish compiling under XLA in
-    # 15 minutes on a CPU (TF 2.21): accumulated steps run as plain graphs.
-    xla = use_xla(cfg.train.jit_compile) and cfg.train.accumulate == 1
+    # 15 minutes on a CPU (TF 2.21): accumulated steps run as plain graphs; so do steps of several CPU replicas.
+    xla = use_xla(cfg.train.jit_compile) and cfg.train.accumulate == 1 and xla_problem() is None
     model.compile(optimizer=make_optimizer(cfg.train), **compat.compile_kwargs(xla))
     return model, xla

@@ -117,6 +117,18 @@ def make_placement(mode: str) -> Placement:
                      "chief" if chief else f"{task_type} {task_id}", chief)
 
 
+def xla_problem() -> str | None:
+    """Why the strategy in scope cannot run an XLA-compiled step, or None: TensorFlow compiles no collective for
+    CPU devices ("Collectives are not yet implemented for CPU devices when compiling with XLA", TF 2.10 to 2.21),
+    so a step of several CPU replicas runs as a plain graph. GPUs compile theirs (NCCL all-reduce)."""
+    from .compat import tf
+
+    strategy = tf.distribute.get_strategy()
+    if strategy.num_replicas_in_sync > 1 and not tf.config.list_physical_devices("GPU"):
+        return "TensorFlow's XLA compiles no collective for CPU devices, and replicas all-reduce their gradients"
+    return None
+
+
 def mirrored(count: int | None = None) -> Placement:
     """MirroredStrategy over the first `count` (default: every) GPU of this machine; without GPUs, over its logical
     CPU devices (tests and `ddpm bench --replicas` split the CPU: split_cpu)."""

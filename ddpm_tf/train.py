@@ -30,7 +30,7 @@ from .data import augment
 from .data.pipeline import make_dataset
 from .data.prepare import prepare
 from .diffusion import build_diffusion_model
-from .distribute import Placement, agree, barrier, make_placement, shard_policy_options
+from .distribute import Placement, agree, barrier, make_placement, shard_policy_options, xla_problem
 from .errors import ConfigError, Interrupted, RunError, TrainingStopped
 from .images import atomic_write_bytes
 from .precision import cpu_bfloat16_note
@@ -309,6 +309,8 @@ def _build_and_restore(cfg, run: RunDir, state: RunState, label_set, placement: 
          f"(Keras {compat.KERAS_VERSION}), {cfg.train.precision}, XLA {'on' if xla else 'off'}")
     if note := cpu_bfloat16_note(cfg.train.precision):
         echo(f"note: {note}")
+    if cfg.train.jit_compile == "true" and not xla and (why := xla_problem()):
+        echo(f"note: train.jit_compile is true, but the train step runs without XLA: {why}")
     ckpt = tf.train.Checkpoint(net=net, ema=model.ema_net, optimizer=optimizer, rng=model.rng,
                                ema_updates=model.ema_updates, epoch=state.epoch, batch_in_epoch=state.batch,
                                global_batch=state.global_batch)
@@ -400,7 +402,8 @@ def _peers_lost(placement: Placement, run_dir):
     ends training with one line: every step is in lockstep, so none can go on; the newest checkpoint is whole."""
     try:
         yield
-    except tf.errors.OpError as exc:
+    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError,
+            tf.errors.AbortedError) as exc:  # what a collective raises when a peer is gone or too late
         if placement.workers == 1:
             raise
         lines = [line.strip() for line in str(exc.message).splitlines() if line.strip()]
