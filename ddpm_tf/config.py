@@ -167,7 +167,7 @@ class ModelConfig:
     dropout: float = _spec(0.1, lo=0.0, hi=0.9, help="dropout inside residual blocks")
     norm_groups: int = _spec(32, lo=1, hi=1024, help="GroupNorm groups; must divide every width")
     recompute: bool = _spec(False, help="gradient checkpointing: residual blocks keep only their inputs for the "
-                                        "backward pass and run again in it (less activation memory, about a third "
+                                        "backward pass and run again in it (less activation memory, about a quarter "
                                         "more compute); the same weights, so a run may turn it on or off")
 
 

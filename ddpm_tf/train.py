@@ -38,8 +38,10 @@ from .runs import RunDir, RunLock
 from .samplers import preview_grid, sampler_from_config
 from .watchdog import Watchdog
 
-# Keys whose change makes an old checkpoint meaningless for a new config.
+# Keys whose change makes an old checkpoint meaningless for a new config ...
 _FROZEN_KEYS = ("model", "diffusion", "data.image_size", "data.channels", "train.precision")
+# ... but not these, which change no weight: a run may change them when it resumes.
+_RESUMABLE_CHANGES = ("model.recompute",)
 
 
 def _check_resume_compatible(saved, cfg, run: RunDir) -> None:
@@ -53,7 +55,7 @@ def _check_resume_compatible(saved, cfg, run: RunDir) -> None:
     for key in _FROZEN_KEYS:
         section, _, name = key.partition(".")
         for k in [name] if name else list(new[section]):
-            if old[section].get(k) != new[section][k]:
+            if f"{section}.{k}" not in _RESUMABLE_CHANGES and old[section].get(k) != new[section][k]:
                 raise ConfigError(
                     f"{run.config_path}: {section}.{k} was {old[section].get(k)!r} in this run, the new config "
                     f"says {new[section][k]!r}; pass --restart to start the run over, or set run.dir to a new folder")

@@ -14,11 +14,16 @@ one: same inputs, layers and parameter count.
 A run with non-leaky augmentation (data/augment.py) adds a last input, the (B, augment.DIM) vector of the
 transform an image went through, mapped by a bias-free linear layer onto the sinusoidal time embedding (EDM's
 map_augment, here starting at zero); sampling feeds zeros, which add nothing. `network_inputs` builds the input list for any of them.
+
+With `model.recompute` (gradient checkpointing) the same functional network is called through the pass that built
+it, with each residual block under `tf.recompute_grad`: the same layers, weights and checkpoints, less memory.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import re
 
 from .compat import keras, tf
 
@@ -241,29 +246,72 @@ class Upsample2x(layers.Layer):
         return upsample2x(x)
 
 
-def _res_block(x, temb_act, width: int, cfg, name: str):
-    """Residual block: GN-swish-conv, + time embedding, GN-swish-dropout-conv(zero init), + skip."""
-    h = GroupNorm(cfg.norm_groups, swish=True, name=f"{name}_norm1")(x)
-    h = layers.Conv2D(width, 3, padding="same", kernel_initializer=_init(), name=f"{name}_conv1")(h)
-    emb = layers.Dense(width, kernel_initializer=_init(), name=f"{name}_temb")(temb_act)
-    h = AddTimeEmbedding(name=f"{name}_addtemb")([h, emb])
-    h = GroupNorm(cfg.norm_groups, swish=True, name=f"{name}_norm2")(h)
-    if cfg.dropout > 0:
-        h = layers.Dropout(cfg.dropout, name=f"{name}_dropout")(h)
-    h = layers.Conv2D(width, 3, padding="same", kernel_initializer=_init(0.0), name=f"{name}_conv2")(h)
-    if x.shape[-1] != width:
-        x = layers.Conv2D(width, 1, kernel_initializer=_init(), name=f"{name}_skip")(x)
-    return layers.Add(name=f"{name}_add")([x, h])
+class _Layers:
+    """Each layer made once, by name: building the graph creates it, a recomputing forward pass reuses it.
+
+    `init` is the scale of the kernel initializer (`_init`), made only with the layer: a Keras 3 initializer
+    draws its seed when made, so one made and thrown away on a second pass would shift later draws.
+    """
+
+    def __init__(self):
+        self.made: dict[str, layers.Layer] = {}
+        self.done = False  # set once the graph is built: a recomputing pass must create nothing
+
+    def __call__(self, cls, name: str, *args, init: float | None = None, **kwargs):
+        if name not in self.made:
+            assert not self.done, f"{name}: a layer the graph does not have"
+            if init is not None:
+                kwargs["kernel_initializer"] = _init(init)
+            self.made[name] = cls(*args, name=name, **kwargs)
+        return self.made[name]
 
 
-def _attn_block(x, cfg, name: str):
+def _direct(fn, *tensors):
+    """fn(*tensors), its activations kept for the backward pass as usual."""
+    return fn(*tensors)
+
+
+def _recomputed(fn, *tensors):
+    """fn(*tensors), keeping only its inputs for the backward pass, which runs it again (gradient checkpointing,
+    Chen et al. 2016): the activations inside cost memory one block at a time instead of all at once."""
+    return tf.recompute_grad(fn)(*tensors)
+
+
+def _res_block(make, x, temb_act, width: int, cfg, name: str, part=_direct):
+    """Residual block: GN-swish-conv, + time embedding, GN-swish-dropout-conv(zero init), + skip.
+
+    `part(fn, *tensors)` runs its parts: `_recomputed` recomputes them in the backward pass. Dropout stays
+    between two parts, outside any: run again, it would draw another mask than the forward pass used.
+    """
+
+    def norms(x, temb_act):
+        h = make(GroupNorm, f"{name}_norm1", cfg.norm_groups, swish=True)(x)
+        h = make(layers.Conv2D, f"{name}_conv1", width, 3, padding="same", init=1.0)(h)
+        emb = make(layers.Dense, f"{name}_temb", width, init=1.0)(temb_act)
+        h = make(AddTimeEmbedding, f"{name}_addtemb")([h, emb])
+        return make(GroupNorm, f"{name}_norm2", cfg.norm_groups, swish=True)(h)
+
+    def out(h, x):
+        h = make(layers.Conv2D, f"{name}_conv2", width, 3, padding="same", init=0.0)(h)
+        if x.shape[-1] != width:
+            x = make(layers.Conv2D, f"{name}_skip", width, 1, init=1.0)(x)
+        return make(layers.Add, f"{name}_add")([x, h])
+
+    if cfg.dropout == 0:
+        return part(lambda x, temb_act: out(norms(x, temb_act), x), x, temb_act)
+    h = part(norms, x, temb_act)
+    h = make(layers.Dropout, f"{name}_dropout", cfg.dropout)(h)
+    return part(out, h, x)
+
+
+def _attn_block(make, x, cfg, name: str):
     """Self-attention block with a residual connection; the output projection starts at zero."""
     width = x.shape[-1]
-    h = GroupNorm(cfg.norm_groups, name=f"{name}_norm")(x)
-    qkv = layers.Dense(3 * width, kernel_initializer=_init(), name=f"{name}_qkv")(h)
-    h = SelfAttention(cfg.attention_heads, name=f"{name}_core")(qkv)
-    h = layers.Dense(width, kernel_initializer=_init(0.0), name=f"{name}_proj")(h)
-    return layers.Add(name=f"{name}_add")([x, h])
+    h = make(GroupNorm, f"{name}_norm", cfg.norm_groups)(x)
+    qkv = make(layers.Dense, f"{name}_qkv", 3 * width, init=1.0)(h)
+    h = make(SelfAttention, f"{name}_core", cfg.attention_heads)(qkv)
+    h = make(layers.Dense, f"{name}_proj", width, init=0.0)(h)
+    return make(layers.Add, f"{name}_add")([x, h])
 
 
 def build_unet(model_cfg, image_size: int, channels: int, name: str = "unet", num_labels: int = 0,
@@ -271,71 +319,97 @@ def build_unet(model_cfg, image_size: int, channels: int, name: str = "unet", nu
     """The U-Net a `ModelConfig` describes, for square images of `image_size` with `channels` channels;
     with `num_labels` > 0 it takes (B, num_labels) multi-hot labels (all zero: unconditional) after t, with
     `augment_dim` > 0 (B, augment_dim) augmentation conditioning last (all zero: not augmented)."""
-    cfg = model_cfg
+    inputs = [keras.Input(shape=(image_size, image_size, channels), name="x_t"),
+              keras.Input(shape=(), dtype="int32", name="t")]
+    if num_labels:
+        inputs.append(keras.Input(shape=(num_labels,), dtype="float32", name="labels"))
+    if augment_dim:
+        inputs.append(keras.Input(shape=(augment_dim,), dtype="float32", name="augment"))
+    make = _Layers()
+    forward = functools.partial(_forward, make, cfg=model_cfg, num_labels=num_labels, augment_dim=augment_dim)
+    out = forward(inputs)
+    make.done = True
+    if not model_cfg.recompute:
+        return keras.Model(inputs, out, name=name)
+    return RecomputingUNet(inputs, out, functools.partial(forward, part=_recomputed), name=name)
+
+
+class RecomputingUNet(keras.Model):
+    """The functional U-Net, called through `forward` (the pass that built its graph, on the same layers) with
+    its residual blocks recomputed in the backward pass (`model.recompute`).
+
+    Its layers, weights and checkpoint are the plain network's: only the call differs, so a run may turn
+    recomputation on or off, and exports load either way.
+    """
+
+    def __init__(self, inputs, outputs, forward, name: str):
+        super().__init__(inputs=inputs, outputs=outputs, name=name)
+        self._forward = forward
+
+    def call(self, inputs, training=None):
+        # Layers called inside take `training` from this call (dropout), as in the functional graph.
+        return self._forward(list(inputs))
+
+
+def _forward(make, inputs: list, cfg, num_labels: int, augment_dim: int, part=_direct):
+    """The U-Net's forward pass on `inputs` ([x_t, t, labels?, augment?]), with layers from `make`;
+    `part` runs the parts of residual blocks (`_res_block`)."""
+    x_t, t, *extra = inputs
+    labels = extra.pop(0) if num_labels else None
+    augment = extra.pop(0) if augment_dim else None
+    image_size, channels = x_t.shape[1], x_t.shape[-1]
     widths = [cfg.base_channels * m for m in cfg.channel_mult]
     attn = [image_size // 2**i in cfg.attention_resolutions for i in range(len(widths))]
     temb_dim = cfg.base_channels * 4
 
-    x_t = keras.Input(shape=(image_size, image_size, channels), name="x_t")
-    t = keras.Input(shape=(), dtype="int32", name="t")
-
-    temb = TimeEmbedding(temb_dim, name="temb_sinusoid")(t)
-    inputs = [x_t, t]
-    if num_labels:
-        labels = keras.Input(shape=(num_labels,), dtype="float32", name="labels")
-        inputs.append(labels)
-    if augment_dim:
-        augment = keras.Input(shape=(augment_dim,), dtype="float32", name="augment")
-        inputs.append(augment)
+    temb = make(TimeEmbedding, "temb_sinusoid", temb_dim)(t)
+    if augment is not None:
         # Zero at first, so the augmented network starts as the plain one (and draws no initial values of its own:
         # with the same seed every other weight equals the plain network's).
-        aug_emb = layers.Dense(temb_dim, use_bias=False, kernel_initializer="zeros", name="augment_emb")(augment)
-        temb = layers.Add(name="temb_add_augment")([temb, aug_emb])
-    temb = layers.Dense(temb_dim, activation="swish", kernel_initializer=_init(), name="temb_dense1")(temb)
-    temb = layers.Dense(temb_dim, kernel_initializer=_init(), name="temb_dense2")(temb)
-    if num_labels:
-        label_emb = LabelEmbedding(num_labels, temb_dim, name="label_emb")(labels)
-        temb = layers.Add(name="temb_add_labels")([temb, label_emb])
+        aug_emb = make(layers.Dense, "augment_emb", temb_dim, use_bias=False, kernel_initializer="zeros")(augment)
+        temb = make(layers.Add, "temb_add_augment")([temb, aug_emb])
+    temb = make(layers.Dense, "temb_dense1", temb_dim, activation="swish", init=1.0)(temb)
+    temb = make(layers.Dense, "temb_dense2", temb_dim, init=1.0)(temb)
+    if labels is not None:
+        label_emb = make(LabelEmbedding, "label_emb", num_labels, temb_dim)(labels)
+        temb = make(layers.Add, "temb_add_labels")([temb, label_emb])
     # Every residual block projects swish(temb); computing the swish once is the same maths.
-    temb_act = layers.Activation("swish", name="temb_swish")(temb)
+    temb_act = make(layers.Activation, "temb_swish", "swish")(temb)
 
     # Encoder: (B, S, S, C) -> (B, S / 2**(L-1), ...), keeping every intermediate for the skips.
-    h = layers.Conv2D(widths[0], 3, padding="same", kernel_initializer=_init(), name="conv_in")(x_t)
+    h = make(layers.Conv2D, "conv_in", widths[0], 3, padding="same", init=1.0)(x_t)
     skips = [h]
     for level, width in enumerate(widths):
         for j in range(cfg.num_res_blocks):
-            h = _res_block(h, temb_act, width, cfg, f"down{level}_res{j}")
+            h = _res_block(make, h, temb_act, width, cfg, f"down{level}_res{j}", part)
             if attn[level]:
-                h = _attn_block(h, cfg, f"down{level}_attn{j}")
+                h = _attn_block(make, h, cfg, f"down{level}_attn{j}")
             skips.append(h)
         if level != len(widths) - 1:
-            h = layers.Conv2D(width, 3, strides=2, padding="same", kernel_initializer=_init(),
-                              name=f"down{level}_downsample")(h)
+            h = make(layers.Conv2D, f"down{level}_downsample", width, 3, strides=2, padding="same", init=1.0)(h)
             skips.append(h)
 
     # Bottleneck.
-    h = _res_block(h, temb_act, widths[-1], cfg, "mid_res0")
-    h = _attn_block(h, cfg, "mid_attn")
-    h = _res_block(h, temb_act, widths[-1], cfg, "mid_res1")
+    h = _res_block(make, h, temb_act, widths[-1], cfg, "mid_res0", part)
+    h = _attn_block(make, h, cfg, "mid_attn")
+    h = _res_block(make, h, temb_act, widths[-1], cfg, "mid_res1", part)
 
     # Decoder: one more block per level than going down, each consuming one skip.
     for level in reversed(range(len(widths))):
         for j in range(cfg.num_res_blocks + 1):
-            h = layers.Concatenate(name=f"up{level}_concat{j}")([h, skips.pop()])
-            h = _res_block(h, temb_act, widths[level], cfg, f"up{level}_res{j}")
+            h = make(layers.Concatenate, f"up{level}_concat{j}")([h, skips.pop()])
+            h = _res_block(make, h, temb_act, widths[level], cfg, f"up{level}_res{j}", part)
             if attn[level]:
-                h = _attn_block(h, cfg, f"up{level}_attn{j}")
+                h = _attn_block(make, h, cfg, f"up{level}_attn{j}")
         if level != 0:
-            h = Upsample2x(name=f"up{level}_upsample")(h)
-            h = layers.Conv2D(widths[level], 3, padding="same", kernel_initializer=_init(),
-                              name=f"up{level}_upconv")(h)
+            h = make(Upsample2x, f"up{level}_upsample")(h)
+            h = make(layers.Conv2D, f"up{level}_upconv", widths[level], 3, padding="same", init=1.0)(h)
     assert not skips
 
-    h = GroupNorm(cfg.norm_groups, swish=True, name="out_norm")(h)
-    h = layers.Conv2D(channels, 3, padding="same", kernel_initializer=_init(0.0), name="out_conv")(h)
+    h = make(GroupNorm, "out_norm", cfg.norm_groups, swish=True)(h)
+    h = make(layers.Conv2D, "out_conv", channels, 3, padding="same", init=0.0)(h)
     # The prediction leaves the network in float32 whatever the compute policy: the loss needs it.
-    out = layers.Activation("linear", dtype="float32", name="out")(h)
-    return keras.Model(inputs, out, name=name)
+    return make(layers.Activation, "out", "linear", dtype="float32")(h)
 
 
 def _layer_or_none(net, name: str):
@@ -368,19 +442,28 @@ def network_inputs(net, x_t, t, labels=None, augment=None) -> list:
     return inputs
 
 
+def layer_flops(layer) -> float:
+    """Multiply-adds x 2 of one layer of `build_unet` for one image, from its shapes (0: element-wise work)."""
+    if isinstance(layer, layers.Conv2D):
+        out_h, out_w = layer.output.shape[1:3]
+        k = layer.kernel.shape
+        return 2.0 * out_h * out_w * k[0] * k[1] * k[2] * k[3]
+    if isinstance(layer, layers.Dense) and len(layer.output.shape) == 4:
+        out_h, out_w = layer.output.shape[1:3]
+        return 2.0 * out_h * out_w * layer.kernel.shape[0] * layer.kernel.shape[1]
+    if isinstance(layer, SelfAttention):
+        n = layer.output.shape[1] * layer.output.shape[2]
+        return 2.0 * 2 * n * n * layer.output.shape[3]  # QK^T and AV
+    return 0.0
+
+
 def forward_flops(model_cfg, image_size: int, channels: int) -> float:
     """Multiply-adds x 2 of one forward pass for one image, counted from the layer shapes."""
-    model = build_unet(model_cfg, image_size, channels)
-    flops = 0.0
-    for layer in model.layers:
-        if isinstance(layer, layers.Conv2D):
-            out_h, out_w = layer.output.shape[1:3]
-            k = layer.kernel.shape
-            flops += 2.0 * out_h * out_w * k[0] * k[1] * k[2] * k[3]
-        elif isinstance(layer, layers.Dense) and len(layer.output.shape) == 4:
-            out_h, out_w = layer.output.shape[1:3]
-            flops += 2.0 * out_h * out_w * layer.kernel.shape[0] * layer.kernel.shape[1]
-        elif isinstance(layer, SelfAttention):
-            n = layer.output.shape[1] * layer.output.shape[2]
-            flops += 2.0 * 2 * n * n * layer.output.shape[3]  # QK^T and AV
-    return flops
+    return sum(layer_flops(layer) for layer in build_unet(model_cfg, image_size, channels).layers)
+
+
+def residual_block(name: str) -> str | None:
+    """The residual block (e.g. `down0_res1`) a layer of `build_unet`, or an op under its name, belongs to;
+    None outside them. Those blocks are what `model.recompute` runs again in the backward pass."""
+    found = re.search(r"(?:^|/)((?:down\d+|mid|up\d+)_res\d+)_", name)
+    return found.group(1) if found else None

@@ -238,3 +238,25 @@ def test_a_resumed_run_with_augmentation_equals_an_uninterrupted_one(project):
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "train.augment_p was 0.5 in this run, the new config says 0" in result.stderr
     assert sorted(p.name for p in run.checkpoints.iterdir()) == before
+
+
+def test_a_resume_may_turn_recompute_on_but_not_change_the_network(project):
+    """model.recompute changes no weight (gradient checkpointing): a resume may toggle it; any other model key is
+    still refused, naming it, with nothing written."""
+    from ddpm_tf.config import load_config
+    from ddpm_tf.errors import ConfigError
+    from ddpm_tf.train import train
+
+    cfg_path, run = project("recompute", train={"epochs": 1, "deterministic": False})
+    train(load_config(cfg_path), echo=lambda m: None, log=lambda m: None)
+    first = latest_step(run)
+    lines = []
+    train(load_config(cfg_path, ["model.recompute=true", "train.epochs=2"]), echo=lines.append,
+          log=lambda m: None)
+    assert any(f"from step {first}" in line for line in lines), lines
+    assert latest_step(run) == 2 * first
+    before = sorted(p.name for p in run.checkpoints.iterdir())
+    with pytest.raises(ConfigError, match="model.base_channels was 8 in this run, the new config says 16"):
+        train(load_config(cfg_path, ["model.base_channels=16", "train.epochs=3"]), echo=lambda m: None,
+              log=lambda m: None)
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == before
