@@ -193,6 +193,8 @@ def test_two_workers_on_localhost_write_one_run_which_resumes_on_one_device(tmp_
     # 12 images, 2 per replica on 2 replicas: a global batch of 4, 3 steps per epoch, 6 steps in all.
     assert "multi_worker, 2 workers, 2 replicas, global batch 4" in texts[0] and "this process is the chief" in texts[0]
     assert "this process is the worker 1" in texts[1] and "the chief wrote" in texts[1]
+    # The shared cache prepared once, by the chief; the worker, started with it, waited and found it fresh.
+    assert "prepared 12 files" in texts[0] and "prepared" not in texts[1]
     assert "done:" in texts[0] and "step 6" in texts[0]
     files = _files(run_dir)
     assert "checkpoints/ckpt-6.index" in files and "exports/ema-00000006.npz" in files, files
