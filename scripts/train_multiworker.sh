@@ -8,7 +8,7 @@
 # Two machines, gpu-a and gpu-b, port 12345 open between them, the repository and the data on both:
 #   gpu-a$ bash scripts/train_multiworker.sh 0 gpu-a:12345,gpu-b:12345 --config configs/portrait128.yaml
 #   gpu-b$ bash scripts/train_multiworker.sh 1 gpu-a:12345,gpu-b:12345 --config configs/portrait128.yaml
-# Start them within a few minutes of each other (each waits for the others). train.batch_size is per replica
+# Start them in any order: each waits for the others. train.batch_size is per replica
 # (GPU): the global batch is batch_size x accumulate x all GPUs of all machines, printed at start.
 #
 # run.dir must be one folder all workers see (NFS or similar) so that every worker resumes from the chief's
