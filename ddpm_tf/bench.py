@@ -60,20 +60,17 @@ class _StepTimer(keras.callbacks.Callback):
         return self.end - self.start
 
 
-def _train_images_per_s(model, cfg, global_batch: int, steps: int, warmup: int, rounds: int) -> float:
+def _train_images_per_s(model, cfg, global_batch: int, steps: int, warmup: int) -> float:
     """Training images per second of `model` on training's own endless input pipeline (flips, augmentation) over
-    random images: the best of `rounds` fits, each timed from its first step after `warmup` to its last."""
+    random images: one fit, timed from its first step after `warmup` to its last."""
     from .data.pipeline import make_dataset
 
     size, channels = cfg.data.image_size, cfg.data.channels
     images = np.random.default_rng(0).integers(0, 256, (global_batch * 4, size, size, channels), dtype=np.uint8)
     ds = make_dataset(images, global_batch, seed=0, flip=cfg.data.flip, augment_p=cfg.train.augment_p)
-    best = float("inf")
-    for _ in range(rounds):
-        timer = _StepTimer(warmup)
-        model.fit(ds, epochs=1, steps_per_epoch=warmup + steps, verbose=0, shuffle=False, callbacks=[timer])
-        best = min(best, timer.seconds())
-    return global_batch * steps / best
+    timer = _StepTimer(warmup)
+    model.fit(ds, epochs=1, steps_per_epoch=warmup + steps, verbose=0, shuffle=False, callbacks=[timer])
+    return global_batch * steps / timer.seconds()
 
 
 def _scaling(cfg, one_model, batch_size: int, replicas: int, steps: int, warmup: int, rounds: int) -> dict:
@@ -87,8 +84,8 @@ def _scaling(cfg, one_model, batch_size: int, replicas: int, steps: int, warmup:
         many_model = build_diffusion_model(cfg, seed=0)[0]
     one_ips, many_ips = 0.0, 0.0
     for _ in range(rounds):  # alternated: a noisy neighbour slows both alike
-        one_ips = max(one_ips, _train_images_per_s(one_model, cfg, batch_size, steps, warmup, 1))
-        many_ips = max(many_ips, _train_images_per_s(many_model, cfg, batch_size * replicas, steps, warmup, 1))
+        one_ips = max(one_ips, _train_images_per_s(one_model, cfg, batch_size, steps, warmup))
+        many_ips = max(many_ips, _train_images_per_s(many_model, cfg, batch_size * replicas, steps, warmup))
     return {"replicas": replicas, "devices": placement.strategy.extended.worker_devices,
             "one_device_img_per_s": one_ips, "replicas_img_per_s": many_ips,
             "replica_img_per_s": many_ips / replicas, "scaling_efficiency": many_ips / replicas / one_ips}
@@ -110,7 +107,7 @@ def run_bench(cfg, *, batch_size: int, steps: int = 4, warmup: int = 2, sample_n
         train_ips = scaling["one_device_img_per_s"]
     else:
         scaling = {}
-        train_ips = _train_images_per_s(model, cfg, batch_size, steps, warmup, 1)
+        train_ips = _train_images_per_s(model, cfg, batch_size, steps, warmup)
 
     sampler = Sampler(ema_net, schedule, "ddpm", jit_compile=xla, chunks=max(1, schedule.timesteps // sample_steps),
                       prediction=cfg.diffusion.prediction)

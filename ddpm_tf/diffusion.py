@@ -42,7 +42,8 @@ class DiffusionModel(keras.Model):
         self.label_dropout = float(train_cfg.label_dropout)
         # train.accumulate: each batch (of accumulate x batch_size images) is taken in micro-batches of batch_size.
         self.accumulate, self.micro_batch = int(train_cfg.accumulate), int(train_cfg.batch_size)
-        # All training randomness (t, eps) comes from this generator; it is checkpointed with the run.
+        # t and eps for callers of diffusion_loss that pass none (train_step draws its own, stateless, in `draws`);
+        # checkpointed with the run.
         self.rng = tf.random.Generator.from_seed(train_cfg.seed)
         self.seed = int(train_cfg.seed)
         # Counts train steps; with the seed it keys each step's draws (stateless, so every replica can draw the

@@ -17,6 +17,10 @@ from dataclasses import dataclass
 
 MODES = ("none", "mirrored", "multi_worker", "auto")  # train.distribute
 
+# Seconds a collective (a step, a barrier) waits for its peers before failing, so a dead worker cannot hang the
+# others forever. Long enough for the chief's previews and in-training evaluations, which the others wait out.
+COLLECTIVE_TIMEOUT = 1800
+
 
 @dataclass
 class Placement:
@@ -141,11 +145,6 @@ def mirrored(count: int | None = None) -> Placement:
         raise ConfigError(f"{count} replicas asked for, but this machine has {len(devices)} {kind} device(s)")
     strategy = tf.distribute.MirroredStrategy(devices=devices[:count])
     return Placement(strategy, "mirrored", strategy.num_replicas_in_sync, 1, "chief", True)
-
-
-# Seconds a collective (a step, a barrier) waits for its peers before failing, so a dead worker cannot hang the
-# others forever. Long enough for the chief's previews and in-training evaluations, which the others wait out.
-COLLECTIVE_TIMEOUT = 1800
 
 
 def is_chief(cluster: dict, task_type: str | None, task_id: int) -> bool:
